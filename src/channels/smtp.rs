@@ -1,0 +1,1 @@
+//! SMTP adapter (being written).

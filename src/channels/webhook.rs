@@ -1,0 +1,1 @@
+//! Webhook adapter (being written).

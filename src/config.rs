@@ -1,0 +1,337 @@
+//! Layered settings: built-in defaults, then a TOML file (`herald.toml` or the
+//! path given by `--config` / `HERALD_CONFIG`), then `HERALD_*` environment
+//! variables (`HERALD_KAFKA__BROKERS=127.0.0.1:9092`, nested keys joined by
+//! `__`, lists comma-separated). Validated once in [`Settings::load`].
+//!
+//! Secrets (database URL, SMTP password, webhook signing secret) are
+//! [`SecretString`]s: their `Debug` prints `[REDACTED]`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// All of Herald's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub kafka: KafkaSettings,
+    pub database: DatabaseSettings,
+    pub http: HttpSettings,
+    pub smtp: SmtpSettings,
+    pub webhook: WebhookSettings,
+    pub templates: TemplateSettings,
+    pub pipeline: PipelineSettings,
+}
+
+/// Kafka client and topic settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// Bootstrap servers, `host:port[,host:port]`.
+    pub brokers: String,
+    /// Topics carrying notification requests.
+    pub request_topics: Vec<String>,
+    /// Topic that receives delivery-status events.
+    pub outcome_topic: String,
+    /// Topic that receives requests that could not be decoded.
+    pub dlq_topic: String,
+    /// Consumer group id shared by all Herald instances.
+    pub group_id: String,
+    /// Static membership id (`group.instance.id`), e.g. the pod name. A
+    /// restarted instance with the same id gets its partitions back at once.
+    pub group_instance_id: Option<String>,
+    /// How many messages of one partition run at once (different keys only:
+    /// the same key is always processed in order).
+    pub partition_concurrency: usize,
+    /// Upper bound of messages in flight over all partitions of this instance.
+    pub max_in_flight: usize,
+    /// Partitions used when `herald topics ensure` creates a missing topic.
+    pub topic_partitions: i32,
+    /// Create missing topics when `serve` starts.
+    pub ensure_topics: bool,
+    /// How often stored offsets are committed, in milliseconds.
+    pub commit_interval_ms: u64,
+    /// How long in-flight work may take to finish on revoke and at shutdown.
+    pub drain_timeout_ms: u64,
+    /// Raw librdkafka properties, applied last (override everything above).
+    pub properties: BTreeMap<String, String>,
+}
+
+/// PostgreSQL settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `postgres://user:password@host:port/db`; secret because it may hold a password.
+    pub url: SecretString,
+    pub max_connections: u32,
+    /// Run migrations when `serve` starts.
+    pub migrate_on_start: bool,
+}
+
+/// The HTTP listener (health, metrics, API).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// `127.0.0.1:8080`; port 0 picks a free port.
+    pub bind: String,
+}
+
+/// How the SMTP connection is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Plain TCP (local relays, test sinks).
+    None,
+    /// Plain TCP upgraded with STARTTLS (required: fails if unsupported).
+    Starttls,
+    /// TLS from the first byte (port 465).
+    Tls,
+}
+
+/// SMTP relay settings for the email channel.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpSettings {
+    pub host: String,
+    pub port: u16,
+    pub tls: SmtpTls,
+    pub username: Option<String>,
+    pub password: Option<SecretString>,
+    /// Sender used when a request has no `meta.from`.
+    pub default_from: String,
+    /// Connections kept open to the relay (each sends one message at a time).
+    pub pool_size: usize,
+    /// Per-command timeout in milliseconds.
+    pub timeout_ms: u64,
+    /// Name announced in EHLO.
+    pub hello_name: String,
+}
+
+/// Webhook channel settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// HMAC-SHA256 signing key. `whsec_<base64>` (Standard Webhooks) or raw text.
+    pub signing_secret: SecretString,
+    /// Whole-request timeout in milliseconds.
+    pub timeout_ms: u64,
+    /// Allow targets on loopback/private/link-local addresses. Off in
+    /// production (SSRF protection); tests turn it on for 127.0.0.1.
+    pub allow_private_targets: bool,
+    /// Largest response body read (bytes); the rest is discarded.
+    pub max_response_bytes: usize,
+}
+
+/// Template settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateSettings {
+    /// Directory holding `<key>/subject.jinja`, `text.jinja`, `html.jinja`
+    /// (and `<key>/<locale>/...` variants).
+    pub dir: PathBuf,
+    /// Locale used when neither the request nor the recipient names one that exists.
+    pub default_locale: String,
+    /// Fuel for one render (bounds loops); see minijinja's fuel feature.
+    pub fuel: u64,
+    /// Largest rendered field, in bytes.
+    pub max_output_bytes: usize,
+}
+
+/// Request pipeline limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// Largest accepted request payload in bytes; bigger ones go to the DLQ.
+    pub max_request_bytes: usize,
+}
+
+/// Errors loading settings.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+const DEFAULTS: &str = r#"
+[kafka]
+brokers = "127.0.0.1:9092"
+request_topics = ["herald.requests"]
+outcome_topic = "herald.outcomes"
+dlq_topic = "herald.dlq"
+group_id = "herald"
+partition_concurrency = 64
+max_in_flight = 2048
+topic_partitions = 4
+ensure_topics = false
+commit_interval_ms = 1000
+drain_timeout_ms = 10000
+[kafka.properties]
+
+[database]
+url = "postgres://postgres@127.0.0.1:5432/herald"
+max_connections = 8
+migrate_on_start = true
+
+[http]
+bind = "127.0.0.1:8080"
+
+[smtp]
+host = "127.0.0.1"
+port = 2525
+tls = "none"
+default_from = "Herald <herald@localhost>"
+pool_size = 16
+timeout_ms = 10000
+hello_name = "herald.localhost"
+
+[webhook]
+signing_secret = "change-me"
+timeout_ms = 5000
+allow_private_targets = false
+max_response_bytes = 65536
+
+[templates]
+dir = "templates"
+default_locale = "en"
+fuel = 50000
+max_output_bytes = 1048576
+
+[pipeline]
+max_request_bytes = 1048576
+"#;
+
+impl Settings {
+    /// Loads defaults, then `path` (or `herald.toml` if it exists), then `HERALD_*`.
+    pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// Like [`Settings::load`] with an explicit environment (for tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        match path {
+            Some(p) => {
+                builder = builder.add_source(config::File::from(p).required(true));
+            }
+            None => {
+                builder =
+                    builder.add_source(config::File::with_name("herald.toml").required(false));
+            }
+        }
+        let env: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("HERALD_") && k != "HERALD_CONFIG")
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("HERALD")
+                .prefix_separator("_")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("kafka.request_topics")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let mut settings: Settings = builder.build()?.try_deserialize()?;
+        // librdkafka property names use dots; environment keys cannot, so
+        // `HERALD_KAFKA__PROPERTIES__LINGER_MS` means `linger.ms`.
+        settings.kafka.properties = std::mem::take(&mut settings.kafka.properties)
+            .into_iter()
+            .map(|(k, v)| (k.replace('_', "."), v))
+            .collect();
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.kafka.request_topics.is_empty() {
+            return bad("kafka.request_topics must name at least one topic");
+        }
+        if self.kafka.partition_concurrency == 0 || self.kafka.max_in_flight == 0 {
+            return bad("kafka.partition_concurrency and kafka.max_in_flight must be at least 1");
+        }
+        if self.kafka.topic_partitions < 1 {
+            return bad("kafka.topic_partitions must be at least 1");
+        }
+        if self.smtp.pool_size == 0 {
+            return bad("smtp.pool_size must be at least 1");
+        }
+        if self.webhook.signing_secret.expose_secret().is_empty() {
+            return bad("webhook.signing_secret must not be empty");
+        }
+        if crate::domain::EmailAddress::parse(strip_display_name(&self.smtp.default_from)).is_err()
+        {
+            return bad("smtp.default_from must be an email address, optionally `Name <addr>`");
+        }
+        Ok(())
+    }
+}
+
+/// `Name <a@b>` → `a@b`; anything else unchanged.
+pub fn strip_display_name(s: &str) -> &str {
+    match (s.rfind('<'), s.rfind('>')) {
+        (Some(a), Some(b)) if a < b => &s[a + 1..b],
+        _ => s.trim(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_env_overrides() {
+        let env = vec![
+            (
+                "HERALD_KAFKA__BROKERS".to_string(),
+                "127.0.0.1:1".to_string(),
+            ),
+            (
+                "HERALD_KAFKA__REQUEST_TOPICS".to_string(),
+                "a,b".to_string(),
+            ),
+            (
+                "HERALD_KAFKA__PARTITION_CONCURRENCY".to_string(),
+                "3".to_string(),
+            ),
+            ("HERALD_SMTP__TLS".to_string(), "starttls".to_string()),
+            ("HERALD_SMTP__PASSWORD".to_string(), "hunter2".to_string()),
+            (
+                "HERALD_KAFKA__PROPERTIES__FETCH_WAIT_MAX_MS".to_string(),
+                "7".to_string(),
+            ),
+        ];
+        let s = Settings::load_with_env(None, env).expect("settings");
+        assert_eq!(s.kafka.brokers, "127.0.0.1:1");
+        assert_eq!(s.kafka.request_topics, vec!["a", "b"]);
+        assert_eq!(s.kafka.partition_concurrency, 3);
+        assert_eq!(s.smtp.tls, SmtpTls::Starttls);
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("hunter2"), "secret printed: {dbg}");
+        assert_eq!(
+            s.kafka
+                .properties
+                .get("fetch.wait.max.ms")
+                .map(String::as_str),
+            Some("7")
+        );
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let env = vec![(
+            "HERALD_KAFKA__PARTITION_CONCURRENCY".to_string(),
+            "0".to_string(),
+        )];
+        let e = Settings::load_with_env(None, env).expect_err("must fail");
+        assert!(e.to_string().contains("partition_concurrency"), "{e}");
+    }
+}

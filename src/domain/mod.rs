@@ -1,0 +1,17 @@
+//! Domain types: the one place raw input becomes valid Herald values.
+//!
+//! Everything after [`decode::decode_request`] works with these types: an
+//! [`EmailAddress`] is known to be a syntactically valid address, a
+//! [`PhoneNumber`] is E.164, a [`WebhookUrl`] is an absolute http(s) URL.
+
+pub mod decode;
+pub mod outcome;
+pub mod recipient;
+pub mod request;
+
+pub use decode::{DecodeError, DecodeErrorCode, decode_request};
+pub use outcome::{DeliveryStatusEvent, ErrorInfo, Status};
+pub use recipient::{EmailAddress, PhoneNumber, Recipient, WebhookUrl};
+pub use request::{
+    Channel, Content, InlineContent, Meta, Notification, NotificationRequest, Priority, TemplateRef,
+};

@@ -1,0 +1,23 @@
+//! Herald: Kafka-native notification delivery.
+//!
+//! A notification request published to a Kafka topic is decoded and validated,
+//! claimed in PostgreSQL (its id is the idempotency key), rendered, sent through
+//! a channel adapter, and its result published as a delivery-status event on the
+//! outcome topic. The Kafka offset is stored only after that.
+//!
+//! # Layout
+//! - [`config`]: layered settings (defaults, `herald.toml`, `HERALD_*`), secrets redacted.
+//! - [`domain`]: the one place raw bytes become valid values (requests, addresses, statuses, outcome events).
+//! - [`render`]: inline content and `templates/` files rendered with minijinja.
+//! - [`channels`]: the `ChannelAdapter` trait and one file per adapter (SMTP, webhook).
+//! - [`store`]: PostgreSQL repositories (notifications, delivery attempts).
+//! - [`kafka`]: consumer (partition workers, rebalance drain), in-order offset tracker, producer.
+//! - [`pipeline`]: one request through claim → render → send → persist → publish.
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`telemetry`]: tracing setup and Prometheus metrics.
+//! - [`app`]: wires it all together; `App::build` then `run_until_stopped`.
+
+pub mod channels;
+pub mod config;
+pub mod domain;
+pub mod render;
