@@ -17,7 +17,13 @@
 //! - [`telemetry`]: tracing setup and Prometheus metrics.
 //! - [`app`]: wires it all together; `App::build` then `run_until_stopped`.
 
+pub mod app;
 pub mod channels;
 pub mod config;
 pub mod domain;
+pub mod http;
+pub mod kafka;
+pub mod pipeline;
 pub mod render;
+pub mod store;
+pub mod telemetry;

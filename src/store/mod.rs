@@ -1,0 +1,43 @@
+//! PostgreSQL repositories. Stores are concrete types over a [`PgPool`]; SQL
+//! lives here and nowhere else.
+
+pub mod notifications;
+
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+use crate::config::DatabaseSettings;
+
+pub use notifications::{AttemptResult, Claim, NotificationStore};
+
+/// A database failure. Every variant is transient from the pipeline's point of
+/// view: the message is retried, never dropped.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("stored data is not what this version expects: {0}")]
+    Corrupt(String),
+}
+
+/// Opens a pool (lazily connecting) for `settings`.
+pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, StoreError> {
+    let options: PgConnectOptions = settings
+        .url
+        .expose_secret()
+        .parse::<PgConnectOptions>()?
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+    Ok(PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(options))
+}
+
+/// Runs the migrations in `migrations/` (embedded at build time).
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    sqlx::migrate!("./migrations").run(pool).await
+}

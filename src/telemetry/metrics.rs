@@ -1,0 +1,116 @@
+//! Prometheus metrics, registered once per [`Metrics`] (one per `App`, so
+//! several apps in one test process do not collide).
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// Handles to every metric Herald exports.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Requests read from the request topics, by topic.
+    pub requests_consumed: IntCounterVec,
+    /// Outcome events published, by channel and status.
+    pub outcomes: IntCounterVec,
+    /// Provider call duration, by channel and result (`ok`, `retryable`, `permanent`).
+    pub send_duration: HistogramVec,
+    /// Records written to the dead-letter topic, by error code.
+    pub dead_letters: IntCounterVec,
+    /// Messages received from Kafka and not yet settled.
+    pub in_flight: IntGauge,
+    /// Redelivered requests that sent nothing because they were already handled.
+    pub duplicates: IntCounterVec,
+    /// Transient infrastructure failures (database, broker) that made a message retry.
+    pub infra_retries: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates and registers all metrics in a fresh registry.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c =
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric registered once");
+            c
+        };
+        let requests_consumed = counter(
+            "herald_requests_consumed_total",
+            "Notification requests read from the request topics.",
+            &["topic"],
+        );
+        let outcomes = counter(
+            "herald_outcomes_total",
+            "Delivery-status events published to the outcome topic.",
+            &["channel", "status"],
+        );
+        let dead_letters = counter(
+            "herald_dead_letters_total",
+            "Requests written to the dead-letter topic.",
+            &["code"],
+        );
+        let duplicates = counter(
+            "herald_duplicate_requests_total",
+            "Redelivered notifications that were already handled and sent nothing.",
+            &["channel"],
+        );
+        let infra_retries = counter(
+            "herald_infrastructure_retries_total",
+            "Transient database or broker failures that made a message retry.",
+            &["stage"],
+        );
+        let send_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "herald_send_duration_seconds",
+                "Time spent in the channel adapter per send attempt.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            &["channel", "result"],
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(send_duration.clone()))
+            .expect("metric registered once");
+        let in_flight = IntGauge::new(
+            "herald_in_flight_messages",
+            "Messages received from Kafka and not yet settled.",
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(in_flight.clone()))
+            .expect("metric registered once");
+        Metrics {
+            registry,
+            requests_consumed,
+            outcomes,
+            send_duration,
+            dead_letters,
+            in_flight,
+            duplicates,
+            infra_retries,
+        }
+    }
+
+    /// Renders the registry in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if encoder.encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
