@@ -1,0 +1,10 @@
+//! Integration tests through the real path: request on the topic → Herald →
+//! real SMTP / HTTP sink → outcome event on the outcome topic.
+//!
+//! Needs a running broker and PostgreSQL: `scripts/test.sh` starts them
+//! (see `scripts/services.sh`) and sets HERALD_TEST_BROKERS and
+//! HERALD_TEST_DATABASE_URL.
+
+mod helpers;
+mod spine;
+mod resilience;

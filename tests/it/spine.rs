@@ -1,0 +1,279 @@
+//! The spine: email and webhook requests end to end, dead letters, dedup.
+
+use std::time::Duration;
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use serde_json::json;
+
+use crate::helpers::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn events_for<'a>(events: &'a [serde_json::Value], id: &str) -> Vec<&'a serde_json::Value> {
+    events.iter().filter(|e| e["notification_id"] == id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn email_request_is_delivered_over_smtp_and_reported_sent() {
+    let env = TestEnv::new(2).await;
+    let sink = SmtpSink::start();
+    let app = RunningApp::start(env.settings(&[("HERALD_SMTP__PORT", sink.port.to_string())])).await;
+    let id = format!("email-{}", suffix());
+    let request = json!({
+        "id": id,
+        "tenant_id": "acme",
+        "channel": "email",
+        "recipient": { "email": "ada@example.com", "user_id": "u-1" },
+        "content": {
+            "subject": "Your order {{ notification.id }} shipped",
+            "text": "Hello {{ recipient.email }}, it shipped.",
+            "html": "<p>Hello <b>{{ recipient.email }}</b></p>"
+        },
+        "meta": {
+            "from": "shop@example.com",
+            "reply_to": "help@example.com",
+            "cc": ["cc@example.com"],
+            "bcc": ["audit@example.com"],
+            "headers": { "X-Campaign": "spring" }
+        },
+        "correlation_id": "corr-1"
+    });
+    produce(&producer(), &env.requests, "acme:u-1", request.to_string().as_bytes()).await;
+
+    let mut outcomes = TopicReader::new(&env.outcomes, env.partitions);
+    let id2 = id.clone();
+    assert!(
+        outcomes.read_until(WAIT, |r| r.iter().any(|x| x.json()["notification_id"] == id2.as_str())).await,
+        "no outcome for {id}"
+    );
+    let events = outcomes.events();
+    let mine = events_for(&events, &id);
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    let e = mine[0];
+    assert_eq!(e["status"], "sent", "{e}");
+    assert_eq!(e["request_id"], id.as_str());
+    assert_eq!(e["tenant_id"], "acme");
+    assert_eq!(e["channel"], "email");
+    assert_eq!(e["provider"], "smtp");
+    assert_eq!(e["attempt"], 1);
+    assert_eq!(e["correlation_id"], "corr-1");
+    // outcome keyed by notification id
+    let rec = outcomes.records.iter().find(|r| r.json()["notification_id"] == id.as_str()).expect("record");
+    assert_eq!(rec.key.as_deref(), Some(id.as_str()));
+
+    let messages = sink.messages();
+    assert_eq!(messages.len(), 1, "exactly one message at the SMTP sink");
+    let m = &messages[0];
+    assert!(m.contains("shop@example.com"), "sender in dump: {m}");
+    for rcpt in ["ada@example.com", "cc@example.com", "audit@example.com"] {
+        assert!(m.contains(rcpt), "{rcpt} is a recipient: {m}");
+    }
+    assert!(m.contains(&format!("Subject: Your order {id} shipped")), "subject rendered: {m}");
+    assert!(m.contains("Hello ada@example.com, it shipped."), "text part: {m}");
+    assert!(m.contains("multipart/alternative"), "html + text: {m}");
+    assert!(m.contains("X-Campaign: spring"), "custom header: {m}");
+    assert!(!m.to_ascii_lowercase().contains("\nbcc:"), "no Bcc header: {m}");
+
+    let pool = env.pool().await;
+    let (status, attempts): (String, i32) = sqlx::query_as("SELECT status, attempts FROM notifications WHERE id = $1")
+        .bind(&id)
+        .fetch_one(&pool)
+        .await
+        .expect("row");
+    assert_eq!((status.as_str(), attempts), ("sent", 1));
+    let log: (String, String) = sqlx::query_as("SELECT status, provider FROM delivery_attempts WHERE notification_id = $1")
+        .bind(&id)
+        .fetch_one(&pool)
+        .await
+        .expect("attempt row");
+    assert_eq!(log, ("sent".to_string(), "smtp".to_string()));
+
+    let metrics = reqwest::get(format!("http://{}/metrics", app.http)).await.expect("metrics").text().await.expect("body");
+    assert!(metrics.contains("herald_outcomes_total{channel=\"email\",status=\"sent\"} 1"), "{metrics}");
+    assert!(metrics.contains("herald_send_duration_seconds_bucket"), "{metrics}");
+    let health = reqwest::get(format!("http://{}/healthz", app.http)).await.expect("healthz");
+    assert_eq!(health.status(), 200);
+    let ready = reqwest::get(format!("http://{}/readyz", app.http)).await.expect("readyz");
+    assert_eq!(ready.status(), 200, "{:?}", ready.text().await);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn webhook_request_is_posted_with_a_valid_signature() {
+    let env = TestEnv::new(1).await;
+    let sink = HttpSink::start().await;
+    let app = RunningApp::start(env.settings(&[])).await;
+    let id = format!("hook-{}", suffix());
+    let request = json!({
+        "id": id,
+        "channel": "webhook",
+        "recipient": { "url": sink.url("/hooks/orders") },
+        "template": { "key": "order_shipped", "data": { "order_id": "A-17", "items": [{"name": "Tea"}, {"name": "Mug"}] } }
+    });
+    produce(&producer(), &env.requests, "k", request.to_string().as_bytes()).await;
+    let mut outcomes = TopicReader::new(&env.outcomes, 1);
+    let id2 = id.clone();
+    assert!(outcomes.read_until(WAIT, |r| r.iter().any(|x| x.json()["notification_id"] == id2.as_str())).await);
+    let events = outcomes.events();
+    let mine = events_for(&events, &id);
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0]["status"], "sent", "{}", mine[0]);
+    assert_eq!(mine[0]["provider"], "webhook");
+
+    let got = sink.received();
+    assert_eq!(got.len(), 1);
+    let r = &got[0];
+    let h = |k: &str| r.headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    assert_eq!(h("webhook-id"), id);
+    let ts = h("webhook-timestamp");
+    assert!(ts.parse::<i64>().is_ok(), "timestamp header: {ts:?}");
+    // Standard Webhooks: v1,base64(HMAC-SHA256(secret, "{id}.{timestamp}.{body}"))
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SIGNING_SECRET.as_bytes()).expect("hmac");
+    mac.update(format!("{id}.{ts}.").as_bytes());
+    mac.update(&r.body);
+    let expected = format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()));
+    assert!(h("webhook-signature").split(' ').any(|s| s == expected), "signature {} != {expected}", h("webhook-signature"));
+    let body: serde_json::Value = serde_json::from_slice(&r.body).expect("json body");
+    assert_eq!(body["notification_id"], id.as_str());
+    assert_eq!(body["data"]["order_id"], "A-17");
+    let text = body["text"].as_str().unwrap_or_default();
+    assert!(text.contains("A-17") && text.contains("Tea") && text.contains("Mug"), "rendered template: {body}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_are_dead_lettered_and_the_partition_moves_on() {
+    let env = TestEnv::new(1).await;
+    let sink = HttpSink::start().await;
+    let app = RunningApp::start(env.settings(&[])).await;
+    let p = producer();
+    let good_id = format!("good-{}", suffix());
+    let schema_bad_id = format!("bad-schema-{}", suffix());
+    let addr_bad_id = format!("bad-addr-{}", suffix());
+    // All on one partition, same key: each must be settled before the next.
+    produce(&p, &env.requests, "same", b"{not json").await;
+    produce(&p, &env.requests, "same", &[0xff, 0xfe, 0x00]).await;
+    produce(&p, &env.requests, "same", json!({"id": schema_bad_id, "channel": "carrier-pigeon", "recipient": {}}).to_string().as_bytes()).await;
+    produce(&p, &env.requests, "same", json!({"id": addr_bad_id, "channel": "email", "recipient": {"email": "not-an-address"}, "content": {"text": "x"}}).to_string().as_bytes()).await;
+    produce(&p, &env.requests, "same", json!({"id": good_id, "channel": "webhook", "recipient": {"url": sink.url("/ok")}, "content": {"text": "fine"}}).to_string().as_bytes()).await;
+
+    let mut dlq = TopicReader::new(&env.dlq, 1);
+    assert!(dlq.read_until(WAIT, |r| r.len() >= 4).await, "4 dead letters, got {}", dlq.records.len());
+    let codes: Vec<String> = dlq.records.iter().map(|r| r.headers["herald-error-code"].clone()).collect();
+    assert_eq!(codes, vec!["invalid_json", "invalid_json", "schema_violation", "invalid_address"]);
+    assert_eq!(dlq.records[0].payload, b"{not json");
+    for r in &dlq.records {
+        assert_eq!(r.headers["herald-source-topic"], env.requests);
+        assert_eq!(r.headers["herald-source-partition"], "0");
+        assert!(!r.headers["herald-error"].is_empty());
+    }
+    let offsets: Vec<&str> = dlq.records.iter().map(|r| r.headers["herald-source-offset"].as_str()).collect();
+    assert_eq!(offsets, vec!["0", "1", "2", "3"]);
+    assert!(dlq.records[3].headers["herald-error"].contains("recipient.email"), "names the field: {:?}", dlq.records[3].headers);
+
+    let mut outcomes = TopicReader::new(&env.outcomes, 1);
+    let g = good_id.clone();
+    assert!(outcomes.read_until(WAIT, |r| r.iter().any(|x| x.json()["notification_id"] == g.as_str())).await);
+    let events = outcomes.events();
+    for bad in [&schema_bad_id, &addr_bad_id] {
+        let e = events_for(&events, bad);
+        assert_eq!(e.len(), 1, "one rejected outcome for {bad}");
+        assert_eq!(e[0]["status"], "rejected");
+        assert_eq!(e[0]["error"]["retryable"], false);
+    }
+    assert_eq!(events_for(&events, &good_id)[0]["status"], "sent");
+    assert_eq!(sink.received().len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_request_twice_sends_one_email() {
+    let env = TestEnv::new(2).await;
+    let sink = SmtpSink::start();
+    let app = RunningApp::start(env.settings(&[("HERALD_SMTP__PORT", sink.port.to_string())])).await;
+    let id = format!("dup-{}", suffix());
+    let request = json!({"id": id, "channel": "email", "recipient": {"email": "bob@example.com"}, "content": {"subject": "Once", "text": "only once"}});
+    let p = producer();
+    produce(&p, &env.requests, "bob", request.to_string().as_bytes()).await;
+    produce(&p, &env.requests, "bob", request.to_string().as_bytes()).await;
+    let marker = format!("after-{}", suffix());
+    let after = json!({"id": marker, "channel": "email", "recipient": {"email": "bob@example.com"}, "content": {"text": "x"}});
+    produce(&p, &env.requests, "bob", after.to_string().as_bytes()).await;
+    let mut outcomes = TopicReader::new(&env.outcomes, 2);
+    let m = marker.clone();
+    assert!(outcomes.read_until(WAIT, |r| r.iter().any(|x| x.json()["notification_id"] == m.as_str())).await);
+    // Same key → processed in order, so both copies of `id` were handled before the marker.
+    let events = outcomes.events();
+    let finals = finals_by_notification(&events);
+    assert_eq!(finals[&id].len(), 1, "one distinct final outcome (re-publication keeps the event id)");
+    assert_eq!(sink.count(), 2, "one email for the duplicated request + one for the marker");
+    let dumps = sink.messages();
+    assert_eq!(dumps.iter().filter(|m| m.contains("only once")).count(), 1);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn template_errors_and_missing_adapters_fail_without_sending() {
+    let env = TestEnv::new(1).await;
+    let sink = HttpSink::start().await;
+    let app = RunningApp::start(env.settings(&[])).await;
+    let p = producer();
+    let missing_var = format!("tmpl-{}", suffix());
+    let no_adapter = format!("sms-{}", suffix());
+    produce(&p, &env.requests, "a", json!({"id": missing_var, "channel": "webhook", "recipient": {"url": sink.url("/x")}, "content": {"text": "Hi {{ user.first_name }}"}}).to_string().as_bytes()).await;
+    produce(&p, &env.requests, "a", json!({"id": no_adapter, "channel": "sms", "recipient": {"phone": "+14155550123"}, "content": {"text": "hello"}}).to_string().as_bytes()).await;
+    let mut outcomes = TopicReader::new(&env.outcomes, 1);
+    assert!(outcomes.read_until(WAIT, |r| r.len() >= 2).await);
+    let events = outcomes.events();
+    let t = events_for(&events, &missing_var);
+    assert_eq!(t[0]["status"], "failed");
+    assert_eq!(t[0]["error"]["code"], "template_error");
+    assert!(t[0]["error"]["message"].as_str().unwrap_or_default().contains("user"), "{}", t[0]);
+    let s = events_for(&events, &no_adapter);
+    assert_eq!(s[0]["status"], "failed");
+    assert_eq!(s[0]["error"]["code"], "channel_unavailable");
+    assert!(sink.received().is_empty());
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_request_becomes_one_notification_per_recipient() {
+    let env = TestEnv::new(1).await;
+    let sink = HttpSink::start().await;
+    let app = RunningApp::start(env.settings(&[])).await;
+    let id = format!("batch-{}", suffix());
+    let recipients: Vec<_> = (0..5).map(|i| json!({"url": sink.url(&format!("/r{i}"))})).collect();
+    produce(&producer(), &env.requests, "b", json!({"id": id, "channel": "webhook", "recipients": recipients, "content": {"text": "hi"}}).to_string().as_bytes()).await;
+    let mut outcomes = TopicReader::new(&env.outcomes, 1);
+    assert!(outcomes.read_until(WAIT, |r| r.len() >= 5).await);
+    let finals = finals_by_notification(&outcomes.events());
+    for i in 0..5 {
+        assert_eq!(finals[&format!("{id}:{i}")].len(), 1);
+    }
+    assert_eq!(sink.counts_by_id().len(), 5);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retryable_and_permanent_webhook_failures_are_reported_as_such() {
+    let env = TestEnv::new(1).await;
+    let sink = HttpSink::start().await;
+    let app = RunningApp::start(env.settings(&[])).await;
+    *sink.status.lock().expect("lock") = 503;
+    let a = format!("r503-{}", suffix());
+    produce(&producer(), &env.requests, "k", json!({"id": a, "channel": "webhook", "recipient": {"url": sink.url("/x")}, "content": {"text": "x"}}).to_string().as_bytes()).await;
+    let mut outcomes = TopicReader::new(&env.outcomes, 1);
+    assert!(outcomes.read_until(WAIT, |r| !r.is_empty()).await);
+    *sink.status.lock().expect("lock") = 404;
+    let b = format!("r404-{}", suffix());
+    produce(&producer(), &env.requests, "k", json!({"id": b, "channel": "webhook", "recipient": {"url": sink.url("/x")}, "content": {"text": "x"}}).to_string().as_bytes()).await;
+    assert!(outcomes.read_until(WAIT, |r| r.len() >= 2).await);
+    let events = outcomes.events();
+    let ea = events_for(&events, &a)[0];
+    assert_eq!(ea["status"], "failed");
+    assert_eq!(ea["error"]["retryable"], true, "{ea}");
+    let eb = events_for(&events, &b)[0];
+    assert_eq!(eb["error"]["retryable"], false, "{eb}");
+    app.stop().await;
+}
