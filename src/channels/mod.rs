@@ -91,7 +91,9 @@ pub fn parse_retry_after_at(value: &str, now: chrono::DateTime<chrono::Utc>) -> 
     }
     if value.bytes().all(|b| b.is_ascii_digit()) {
         // Absurdly long digit strings saturate instead of failing.
-        return Some(Duration::from_secs(value.parse::<u64>().unwrap_or(u64::MAX)));
+        return Some(Duration::from_secs(
+            value.parse::<u64>().unwrap_or(u64::MAX),
+        ));
     }
     // IMF-fixdate is RFC 2822-compatible; also accept the obsolete RFC 850
     // and asctime forms that RFC 9110 says recipients must understand.
@@ -102,7 +104,8 @@ pub fn parse_retry_after_at(value: &str, now: chrono::DateTime<chrono::Utc>) -> 
                 .map(|d| d.and_utc())
         })
         .or_else(|_| {
-            chrono::NaiveDateTime::parse_from_str(value, "%a %b %e %H:%M:%S %Y").map(|d| d.and_utc())
+            chrono::NaiveDateTime::parse_from_str(value, "%a %b %e %H:%M:%S %Y")
+                .map(|d| d.and_utc())
         })
         .ok()?;
     Some((when - now).to_std().unwrap_or(Duration::ZERO))
@@ -153,15 +156,26 @@ mod tests {
 
     #[test]
     fn retry_after_http_dates() {
-        let now = chrono::Utc.with_ymd_and_hms(2015, 10, 21, 7, 27, 0).unwrap();
+        let now = chrono::Utc
+            .with_ymd_and_hms(2015, 10, 21, 7, 27, 0)
+            .unwrap();
         let want = Some(Duration::from_secs(60));
-        assert_eq!(parse_retry_after_at("Wed, 21 Oct 2015 07:28:00 GMT", now), want);
-        assert_eq!(parse_retry_after_at("Wednesday, 21-Oct-15 07:28:00 GMT", now), want);
+        assert_eq!(
+            parse_retry_after_at("Wed, 21 Oct 2015 07:28:00 GMT", now),
+            want
+        );
+        assert_eq!(
+            parse_retry_after_at("Wednesday, 21-Oct-15 07:28:00 GMT", now),
+            want
+        );
         assert_eq!(parse_retry_after_at("Wed Oct 21 07:28:00 2015", now), want);
         assert_eq!(
             parse_retry_after_at("Wed, 21 Oct 2015 07:00:00 GMT", now),
             Some(Duration::ZERO)
         );
-        assert_eq!(parse_retry_after_at("Wed, 32 Oct 2015 07:28:00 GMT", now), None);
+        assert_eq!(
+            parse_retry_after_at("Wed, 32 Oct 2015 07:28:00 GMT", now),
+            None
+        );
     }
 }

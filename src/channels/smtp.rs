@@ -34,9 +34,7 @@ use lettre::transport::smtp::client::{
     AsyncNetworkStream, AsyncSmtpConnection, AsyncTokioStream, TlsParameters,
 };
 use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
-use lettre::transport::smtp::extension::{
-    ClientId, Extension, MailBodyParameter, MailParameter,
-};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 use secrecy::ExposeSecret;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -236,7 +234,12 @@ impl SmtpAdapter {
         )
         .await?;
         for rcpt in envelope.to() {
-            step(t, Stage::Later, conn.command(Rcpt::new(rcpt.clone(), vec![]))).await?;
+            step(
+                t,
+                Stage::Later,
+                conn.command(Rcpt::new(rcpt.clone(), vec![])),
+            )
+            .await?;
         }
         step(t, Stage::Later, conn.command(Data)).await?;
         step(t, Stage::Later, conn.message(email)).await
@@ -279,7 +282,12 @@ impl TxError {
     /// True when a fresh connection may succeed where this one failed.
     fn is_stale_connection(&self) -> bool {
         match self {
-            TxError::Smtp(Stage::MailFrom, e) => !(e.is_transient() || e.is_permanent()),
+            // No reply at all, or 421 "closing channel" (postfix says that
+            // when it times an idle client out).
+            TxError::Smtp(Stage::MailFrom, e) => {
+                !(e.is_transient() || e.is_permanent())
+                    || e.status().is_some_and(|c| c.to_string() == "421")
+            }
             _ => false,
         }
     }
@@ -464,9 +472,7 @@ impl ChannelAdapter for SmtpAdapter {
                 self.put_back(conn);
                 Ok(SendReceipt {
                     provider: PROVIDER.to_string(),
-                    provider_message_id: Some(
-                        queue_id(&response).unwrap_or(built.message_id),
-                    ),
+                    provider_message_id: Some(queue_id(&response).unwrap_or(built.message_id)),
                 })
             }
             Err(e) => {
@@ -547,9 +553,10 @@ fn build_message(
     }
 
     let message = match (&content.text, &content.html) {
-        (Some(text), Some(html)) => {
-            builder.multipart(MultiPart::alternative_plain_html(text.clone(), html.clone()))
-        }
+        (Some(text), Some(html)) => builder.multipart(MultiPart::alternative_plain_html(
+            text.clone(),
+            html.clone(),
+        )),
         (Some(text), None) => builder.singlepart(SinglePart::plain(text.clone())),
         (None, Some(html)) => builder.singlepart(SinglePart::html(html.clone())),
         (None, None) => {
@@ -569,7 +576,7 @@ fn build_message(
 /// Parses an already validated address into a lettre mailbox.
 fn mailbox(address: &str) -> Result<Mailbox, SendError> {
     let address = Address::from_str(address)
-        .map_err(|e| permanent("invalid_address", format!("{address:?}: {e}")))?;
+        .map_err(|e| permanent("invalid_address", format!("address not accepted: {e}")))?;
     Ok(Mailbox::new(None, address))
 }
 
@@ -617,8 +624,8 @@ fn extra_header(name: &str, value: &str) -> Result<HeaderValue, SendError> {
             "header {name} contains CR, LF or another control character"
         )));
     }
-    let header_name =
-        HeaderName::new_from_ascii(name.to_string()).map_err(|e| invalid(format!("{name}: {e}")))?;
+    let header_name = HeaderName::new_from_ascii(name.to_string())
+        .map_err(|e| invalid(format!("{name}: {e}")))?;
     Ok(HeaderValue::new(header_name, value.to_string()))
 }
 
@@ -737,7 +744,9 @@ mod tests {
         assert!(text.contains("Reply-To: reply@example.com\r\n"));
         assert!(text.contains("Cc: cc@example.com\r\n"));
         assert!(
-            !text.lines().any(|l| l.to_ascii_lowercase().starts_with("bcc:")),
+            !text
+                .lines()
+                .any(|l| l.to_ascii_lowercase().starts_with("bcc:")),
             "{text}"
         );
         assert!(text.contains("Subject: Hello Bcc: evil@example.com\r\n"));
@@ -794,8 +803,8 @@ mod tests {
             html: Some("<b>hi</b>".into()),
             ..Default::default()
         };
-        let text = String::from_utf8(build_message(&n, &c, &from()).unwrap().message.formatted())
-            .unwrap();
+        let text =
+            String::from_utf8(build_message(&n, &c, &from()).unwrap().message.formatted()).unwrap();
         assert!(text.contains("Content-Type: text/html"), "{text}");
         assert!(!text.contains("multipart"));
     }

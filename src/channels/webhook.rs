@@ -129,7 +129,10 @@ pub fn signing_key(secret_config: &str) -> Result<Vec<u8>, WebhookConfigError> {
 /// The `webhook-signature` value: `v1,<base64 HMAC-SHA256(secret,
 /// "{id}.{timestamp}.{body}")>`.
 pub fn sign(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
-    format!("v1,{}", BASE64.encode(mac(secret, id, timestamp, body).finalize().into_bytes()))
+    format!(
+        "v1,{}",
+        BASE64.encode(mac(secret, id, timestamp, body).finalize().into_bytes())
+    )
 }
 
 fn mac(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> HmacSha256 {
@@ -152,12 +155,7 @@ fn mac(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> HmacSha256 {
 /// compared in constant time. `secret_config` is the configured secret
 /// (`whsec_…` or raw).
 pub fn verify(secret_config: &str, headers: &HeaderMap, body: &[u8]) -> bool {
-    verify_at(
-        secret_config,
-        headers,
-        body,
-        chrono::Utc::now().timestamp(),
-    )
+    verify_at(secret_config, headers, body, chrono::Utc::now().timestamp())
 }
 
 /// [`verify`] against an explicit clock (unix seconds).
@@ -209,6 +207,7 @@ struct Payload<'a> {
     data: &'a serde_json::Value,
     #[serde(skip_serializing_if = "Option::is_none")]
     correlation_id: Option<&'a str>,
+    /// When this delivery attempt was made (RFC 3339, UTC, milliseconds).
     occurred_at: String,
 }
 
@@ -235,7 +234,9 @@ fn payload(
 
 /// Extra request headers from `meta.headers`: valid HTTP names, no CR/LF or
 /// other control characters, none of the headers Herald sets itself.
-fn extra_headers(headers: &std::collections::BTreeMap<String, String>) -> Result<HeaderMap, SendError> {
+fn extra_headers(
+    headers: &std::collections::BTreeMap<String, String>,
+) -> Result<HeaderMap, SendError> {
     let mut map = HeaderMap::new();
     for (name, value) in headers {
         let invalid = |m: String| permanent("invalid_header", m);
@@ -286,8 +287,12 @@ impl ChannelAdapter for WebhookAdapter {
         let body = payload(notification, content, now)?;
         let timestamp = now.timestamp();
         let signature = sign(self.key.expose_secret(), &notification.id, timestamp, &body);
-        let id_value = HeaderValue::from_str(&notification.id)
-            .map_err(|_| permanent("invalid_header", "notification id is not a valid header value".into()))?;
+        let id_value = HeaderValue::from_str(&notification.id).map_err(|_| {
+            permanent(
+                "invalid_header",
+                "notification id is not a valid header value".into(),
+            )
+        })?;
         headers.insert(
             reqwest::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -348,7 +353,10 @@ fn classify_status(
     }
     let message = describe(status, body);
     if status.is_redirection() {
-        return Err(permanent("http_redirect", format!("{message} (redirects are not followed)")));
+        return Err(permanent(
+            "http_redirect",
+            format!("{message} (redirects are not followed)"),
+        ));
     }
     if status == StatusCode::TOO_MANY_REQUESTS {
         return Err(SendError::RateLimited {
@@ -479,14 +487,11 @@ impl reqwest::dns::Resolve for PublicOnlyResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let host = name.as_str().to_string();
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             if let Some(bad) = addrs.iter().find(|a| is_forbidden_ip(a.ip())) {
-                return Err(Box::new(AddressNotAllowed {
-                    host,
-                    ip: bad.ip(),
-                }) as Box<dyn std::error::Error + Send + Sync>);
+                return Err(Box::new(AddressNotAllowed { host, ip: bad.ip() })
+                    as Box<dyn std::error::Error + Send + Sync>);
             }
             Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
         })
@@ -733,9 +738,8 @@ mod tests {
 
     #[test]
     fn extra_headers_refuse_injection() {
-        let one = |n: &str, v: &str| {
-            extra_headers(&[(n.to_string(), v.to_string())].into()).map(|_| ())
-        };
+        let one =
+            |n: &str, v: &str| extra_headers(&[(n.to_string(), v.to_string())].into()).map(|_| ());
         assert!(one("x-tenant", "acme").is_ok());
         for (n, v) in [
             ("x-a", "a\r\nx-b: c"),
