@@ -626,3 +626,18 @@ async fn webhook_refuses_header_injection() {
     );
     assert!(rec.paths().is_empty());
 }
+
+#[tokio::test]
+async fn smtp_auth_when_credentials_set() {
+    // smtp-sink announces AUTH and accepts any credentials.
+    let sink = SmtpSink::start(&[]);
+    let mut settings = sink.settings(1);
+    settings.username = Some("herald".into());
+    settings.password = Some(SecretString::from("s3cret-pw"));
+    let adapter = SmtpAdapter::new(&settings).unwrap();
+    assert!(!format!("{adapter:?}").contains("s3cret-pw"));
+    adapter.check().await.unwrap();
+    let n = email_notification("req-11", "x@example.com", Meta::default());
+    adapter.send(&n, &content()).await.unwrap();
+    sink.wait_for_dumps(1).await;
+}
