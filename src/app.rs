@@ -53,9 +53,8 @@ impl App {
             KafkaPublisher::new(&settings.kafka).context("creating the Kafka producer")?;
         let renderer: Arc<dyn Renderer> =
             crate::render::build(&settings.templates).context("loading templates")?;
-        let adapters: Vec<Arc<dyn ChannelAdapter>> = channels::build_adapters(&settings)
-            .await
-            .context("creating channel adapters")?;
+        let adapters: Vec<Arc<dyn ChannelAdapter>> =
+            channels::build_adapters(&settings).context("creating channel adapters")?;
         let pipeline = Arc::new(Pipeline::new(
             NotificationStore::new(pool.clone()),
             renderer,

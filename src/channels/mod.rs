@@ -76,6 +76,41 @@ impl SendError {
     }
 }
 
+/// Parses an HTTP `Retry-After` value: delay-seconds (`"120"`) or an
+/// HTTP-date (`"Wed, 21 Oct 2015 07:28:00 GMT"`). A date in the past gives
+/// zero. `None` when the value is neither.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    parse_retry_after_at(value, chrono::Utc::now())
+}
+
+/// [`parse_retry_after`] against an explicit clock (for tests).
+pub fn parse_retry_after_at(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let value = value.trim();
+    if value.is_empty() {
+        return None;
+    }
+    if value.bytes().all(|b| b.is_ascii_digit()) {
+        // Absurdly long digit strings saturate instead of failing.
+        return Some(Duration::from_secs(
+            value.parse::<u64>().unwrap_or(u64::MAX),
+        ));
+    }
+    // IMF-fixdate is RFC 2822-compatible; also accept the obsolete RFC 850
+    // and asctime forms that RFC 9110 says recipients must understand.
+    let when = chrono::DateTime::parse_from_rfc2822(value)
+        .map(|d| d.with_timezone(&chrono::Utc))
+        .or_else(|_| {
+            chrono::NaiveDateTime::parse_from_str(value, "%A, %d-%b-%y %H:%M:%S GMT")
+                .map(|d| d.and_utc())
+        })
+        .or_else(|_| {
+            chrono::NaiveDateTime::parse_from_str(value, "%a %b %e %H:%M:%S %Y")
+                .map(|d| d.and_utc())
+        })
+        .ok()?;
+    Some((when - now).to_std().unwrap_or(Duration::ZERO))
+}
+
 /// A channel adapter. Implementations must be cheap to share (`Arc`) and safe
 /// to call concurrently.
 #[async_trait]
@@ -101,9 +136,66 @@ pub trait ChannelAdapter: Send + Sync {
     }
 }
 
-/// Creates the adapters configured in `settings` (SMTP for email, webhook).
-pub async fn build_adapters(
-    _settings: &crate::config::Settings,
-) -> Result<Vec<std::sync::Arc<dyn ChannelAdapter>>, SendError> {
-    Ok(Vec::new())
+/// Why the configured adapters could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterConfigError {
+    #[error(transparent)]
+    Smtp(#[from] smtp::SmtpConfigError),
+    #[error(transparent)]
+    Webhook(#[from] webhook::WebhookConfigError),
+}
+
+/// Creates the adapters configured in `settings`: SMTP for email, webhook.
+/// Connections are opened lazily, on the first send.
+pub fn build_adapters(
+    settings: &crate::config::Settings,
+) -> Result<Vec<std::sync::Arc<dyn ChannelAdapter>>, AdapterConfigError> {
+    Ok(vec![
+        std::sync::Arc::new(smtp::SmtpAdapter::new(&settings.smtp)?),
+        std::sync::Arc::new(webhook::WebhookAdapter::new(&settings.webhook)?),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn retry_after_seconds() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("99999999999999999999999"),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        for bad in ["", "-1", "1.5", "soon", "7s"] {
+            assert_eq!(parse_retry_after(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_http_dates() {
+        let now = chrono::Utc
+            .with_ymd_and_hms(2015, 10, 21, 7, 27, 0)
+            .unwrap();
+        let want = Some(Duration::from_secs(60));
+        assert_eq!(
+            parse_retry_after_at("Wed, 21 Oct 2015 07:28:00 GMT", now),
+            want
+        );
+        assert_eq!(
+            parse_retry_after_at("Wednesday, 21-Oct-15 07:28:00 GMT", now),
+            want
+        );
+        assert_eq!(parse_retry_after_at("Wed Oct 21 07:28:00 2015", now), want);
+        assert_eq!(
+            parse_retry_after_at("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            parse_retry_after_at("Wed, 32 Oct 2015 07:28:00 GMT", now),
+            None
+        );
+    }
 }

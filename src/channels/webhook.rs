@@ -1,1 +1,754 @@
-//! Webhook adapter (being written).
+//! Webhook adapter: POSTs one notification as signed JSON to the recipient's
+//! URL (Standard Webhooks signing), with SSRF protection.
+//!
+//! Owns: the request body shape, the `webhook-*` signature headers
+//! ([`sign`], [`verify`]), the address classifier that keeps requests away
+//! from loopback/private/link-local targets ([`is_forbidden_ip`]), the DNS
+//! resolver that enforces it for host names, and the mapping of HTTP results
+//! to [`SendError`]s.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{Hmac, Mac};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::{StatusCode, Url};
+use secrecy::{ExposeSecret, SecretSlice};
+use serde::Serialize;
+use sha2::Sha256;
+
+use super::{ChannelAdapter, SendError, SendReceipt, parse_retry_after};
+use crate::config::WebhookSettings;
+use crate::domain::{Channel, Notification};
+use crate::render::RenderedContent;
+
+/// Provider name recorded on attempts and outcomes.
+const PROVIDER: &str = "webhook";
+
+/// How far a `webhook-timestamp` may be from now for [`verify`] to accept it.
+pub const SIGNATURE_TOLERANCE_SECS: i64 = 300;
+
+/// Headers Herald sets itself; `meta.headers` may not override them.
+const RESERVED_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "host",
+    "transfer-encoding",
+    "connection",
+    "user-agent",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+];
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Why a [`WebhookAdapter`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookConfigError {
+    /// The signing secret starts with `whsec_` but the rest is not base64.
+    #[error("webhook.signing_secret: the part after `whsec_` is not valid base64")]
+    InvalidSecret,
+    /// The signing secret is empty.
+    #[error("webhook.signing_secret must not be empty")]
+    EmptySecret,
+    /// The HTTP client could not be built.
+    #[error("webhook http client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// The webhook channel adapter. Cheap to share behind an `Arc`; safe to
+/// call concurrently (one pooled reqwest client inside).
+pub struct WebhookAdapter {
+    /// HTTP client: no redirects, no proxy, SSRF-checking resolver unless
+    /// private targets are allowed, whole-request timeout.
+    client: reqwest::Client,
+    /// HMAC key decoded once from the configured secret.
+    key: SecretSlice<u8>,
+    /// Refuse loopback/private/link-local targets (see [`is_forbidden_ip`]).
+    block_private: bool,
+    /// Largest response body read; the rest is discarded.
+    max_response_bytes: usize,
+}
+
+impl std::fmt::Debug for WebhookAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookAdapter")
+            .field("block_private", &self.block_private)
+            .field("max_response_bytes", &self.max_response_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebhookAdapter {
+    /// Builds the adapter and its HTTP client from settings.
+    pub fn new(settings: &WebhookSettings) -> Result<Self, WebhookConfigError> {
+        let key = signing_key(settings.signing_secret.expose_secret())?;
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            // A proxy would resolve the target itself, bypassing our resolver.
+            .no_proxy()
+            .timeout(Duration::from_millis(settings.timeout_ms.max(1)))
+            .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")));
+        if !settings.allow_private_targets {
+            builder = builder.dns_resolver(Arc::new(PublicOnlyResolver));
+        }
+        Ok(WebhookAdapter {
+            client: builder.build()?,
+            key: SecretSlice::from(key),
+            block_private: !settings.allow_private_targets,
+            max_response_bytes: settings.max_response_bytes,
+        })
+    }
+}
+
+/// The HMAC key for a configured secret: the base64-decoded part after
+/// `whsec_` (Standard Webhooks), else the secret's raw bytes.
+pub fn signing_key(secret_config: &str) -> Result<Vec<u8>, WebhookConfigError> {
+    if secret_config.is_empty() {
+        return Err(WebhookConfigError::EmptySecret);
+    }
+    match secret_config.strip_prefix("whsec_") {
+        Some(b64) => {
+            let key = BASE64
+                .decode(b64)
+                .map_err(|_| WebhookConfigError::InvalidSecret)?;
+            if key.is_empty() {
+                return Err(WebhookConfigError::EmptySecret);
+            }
+            Ok(key)
+        }
+        None => Ok(secret_config.as_bytes().to_vec()),
+    }
+}
+
+/// The `webhook-signature` value: `v1,<base64 HMAC-SHA256(secret,
+/// "{id}.{timestamp}.{body}")>`.
+pub fn sign(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
+    format!(
+        "v1,{}",
+        BASE64.encode(mac(secret, id, timestamp, body).finalize().into_bytes())
+    )
+}
+
+fn mac(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> HmacSha256 {
+    // HMAC accepts keys of any length; this cannot fail.
+    let mut mac = match HmacSha256::new_from_slice(secret) {
+        Ok(m) => m,
+        Err(_) => unreachable!("HMAC takes keys of any length"),
+    };
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    mac
+}
+
+/// Verifies a received webhook the way a receiver would: `webhook-id`,
+/// `webhook-timestamp` (within [`SIGNATURE_TOLERANCE_SECS`] of now) and one
+/// matching `v1,` entry in `webhook-signature` (space-separated list),
+/// compared in constant time. `secret_config` is the configured secret
+/// (`whsec_…` or raw).
+pub fn verify(secret_config: &str, headers: &HeaderMap, body: &[u8]) -> bool {
+    verify_at(secret_config, headers, body, chrono::Utc::now().timestamp())
+}
+
+/// [`verify`] against an explicit clock (unix seconds).
+pub fn verify_at(secret_config: &str, headers: &HeaderMap, body: &[u8], now: i64) -> bool {
+    let Ok(key) = signing_key(secret_config) else {
+        return false;
+    };
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let (Some(id), Some(ts), Some(sigs)) = (
+        get("webhook-id"),
+        get("webhook-timestamp"),
+        get("webhook-signature"),
+    ) else {
+        return false;
+    };
+    let Ok(ts) = ts.trim().parse::<i64>() else {
+        return false;
+    };
+    if (now - ts).abs() > SIGNATURE_TOLERANCE_SECS {
+        return false;
+    }
+    let expected = mac(&key, id, ts, body);
+    sigs.split_whitespace().any(|entry| {
+        let Some(b64) = entry.strip_prefix("v1,") else {
+            return false;
+        };
+        let Ok(sig) = BASE64.decode(b64) else {
+            return false;
+        };
+        expected.clone().verify_slice(&sig).is_ok()
+    })
+}
+
+/// The JSON body POSTed to the target. `None` fields are omitted.
+#[derive(Debug, Serialize)]
+struct Payload<'a> {
+    notification_id: &'a str,
+    request_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant_id: Option<&'a str>,
+    channel: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    html: Option<&'a str>,
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    data: &'a serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    correlation_id: Option<&'a str>,
+    /// When this delivery attempt was made (RFC 3339, UTC, milliseconds).
+    occurred_at: String,
+}
+
+/// Builds the request body for `notification`.
+fn payload(
+    notification: &Notification,
+    content: &RenderedContent,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<u8>, SendError> {
+    let p = Payload {
+        notification_id: &notification.id,
+        request_id: &notification.request_id,
+        tenant_id: notification.tenant_id.as_deref(),
+        channel: Channel::Webhook.as_str(),
+        subject: content.subject.as_deref(),
+        text: content.text.as_deref(),
+        html: content.html.as_deref(),
+        data: &content.data,
+        correlation_id: notification.correlation_id.as_deref(),
+        occurred_at: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    };
+    serde_json::to_vec(&p).map_err(|e| permanent("invalid_payload", e.to_string()))
+}
+
+/// Extra request headers from `meta.headers`: valid HTTP names, no CR/LF or
+/// other control characters, none of the headers Herald sets itself.
+fn extra_headers(
+    headers: &std::collections::BTreeMap<String, String>,
+) -> Result<HeaderMap, SendError> {
+    let mut map = HeaderMap::new();
+    for (name, value) in headers {
+        let invalid = |m: String| permanent("invalid_header", m);
+        if value.chars().any(|c| c.is_control() && c != '\t') {
+            return Err(invalid(format!(
+                "header {name} contains CR, LF or another control character"
+            )));
+        }
+        let header_name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| invalid(format!("invalid header name {name:?}")))?;
+        if RESERVED_HEADERS.contains(&header_name.as_str()) {
+            return Err(invalid(format!("header {name} is set by Herald")));
+        }
+        let header_value = HeaderValue::from_str(value)
+            .map_err(|_| invalid(format!("invalid value for header {name}")))?;
+        map.append(header_name, header_value);
+    }
+    Ok(map)
+}
+
+#[async_trait]
+impl ChannelAdapter for WebhookAdapter {
+    fn channel(&self) -> Channel {
+        Channel::Webhook
+    }
+
+    fn provider(&self) -> &str {
+        PROVIDER
+    }
+
+    async fn send(
+        &self,
+        notification: &Notification,
+        content: &RenderedContent,
+    ) -> Result<SendReceipt, SendError> {
+        let url = notification
+            .recipient
+            .url
+            .as_ref()
+            .ok_or_else(|| permanent("no_address", "recipient has no webhook url".into()))?;
+        let url = Url::parse(url.as_str())
+            .map_err(|e| permanent("invalid_address", format!("invalid url: {e}")))?;
+        if self.block_private {
+            check_literal_host(&url)?;
+        }
+        let mut headers = extra_headers(&notification.meta.headers)?;
+        let now = chrono::Utc::now();
+        let body = payload(notification, content, now)?;
+        let timestamp = now.timestamp();
+        let signature = sign(self.key.expose_secret(), &notification.id, timestamp, &body);
+        let id_value = HeaderValue::from_str(&notification.id).map_err(|_| {
+            permanent(
+                "invalid_header",
+                "notification id is not a valid header value".into(),
+            )
+        })?;
+        headers.insert(
+            reqwest::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert("webhook-id", id_value);
+        headers.insert("webhook-timestamp", HeaderValue::from(timestamp));
+        let signature = HeaderValue::from_str(&signature)
+            .map_err(|_| permanent("invalid_header", "bad signature header".into()))?;
+        headers.insert("webhook-signature", signature);
+
+        let response = self
+            .client
+            .post(url)
+            .headers(headers)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| classify_request_error(&e))?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let body = read_limited(response, self.max_response_bytes).await;
+        classify_status(status, retry_after, &body)?;
+        Ok(SendReceipt {
+            provider: PROVIDER.to_string(),
+            provider_message_id: Some(notification.id.clone()),
+        })
+    }
+}
+
+/// Reads at most `limit` bytes of the response body; errors reading it are
+/// ignored (the status already decided the outcome).
+async fn read_limited(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    while out.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let take = chunk.len().min(limit - out.len());
+                out.extend_from_slice(&chunk[..take]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    out
+}
+
+/// Maps an HTTP status to the caller's decision (`Ok` for 2xx).
+fn classify_status(
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> Result<(), SendError> {
+    if status.is_success() {
+        return Ok(());
+    }
+    let message = describe(status, body);
+    if status.is_redirection() {
+        return Err(permanent(
+            "http_redirect",
+            format!("{message} (redirects are not followed)"),
+        ));
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        return Err(SendError::RateLimited {
+            message,
+            retry_after,
+        });
+    }
+    if status == StatusCode::REQUEST_TIMEOUT || status.is_server_error() {
+        return Err(SendError::Retryable {
+            code: "http_status".into(),
+            message,
+            retry_after,
+        });
+    }
+    Err(permanent("http_status", message))
+}
+
+/// `HTTP 503 Service Unavailable: <start of the body>`, printable only.
+fn describe(status: StatusCode, body: &[u8]) -> String {
+    let mut message = format!("HTTP {}", status.as_u16());
+    if let Some(reason) = status.canonical_reason() {
+        message.push(' ');
+        message.push_str(reason);
+    }
+    let snippet: String = String::from_utf8_lossy(body)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect();
+    let snippet = snippet.trim();
+    if !snippet.is_empty() {
+        message.push_str(": ");
+        message.push_str(snippet);
+    }
+    message
+}
+
+/// Maps a transport error: a refused address is permanent, everything else
+/// (timeouts, connection failures) is worth retrying.
+fn classify_request_error(e: &reqwest::Error) -> SendError {
+    if let Some(blocked) = find_source::<AddressNotAllowed>(e) {
+        return permanent("address_not_allowed", blocked.to_string());
+    }
+    if e.is_timeout() {
+        return retryable("http_timeout", format!("request timed out: {e}"));
+    }
+    if e.is_connect() {
+        return retryable("http_connect", format!("{e}: {}", root_cause(e)));
+    }
+    retryable("http_error", format!("{e}: {}", root_cause(e)))
+}
+
+fn find_source<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<T>() {
+            return Some(t);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+fn permanent(code: &str, message: String) -> SendError {
+    SendError::Permanent {
+        code: code.to_string(),
+        message,
+    }
+}
+
+fn retryable(code: &str, message: String) -> SendError {
+    SendError::Retryable {
+        code: code.to_string(),
+        message,
+        retry_after: None,
+    }
+}
+
+/// A target resolved to (or was given as) an address Herald will not call.
+#[derive(Debug, thiserror::Error)]
+#[error("{host} resolves to {ip}, which is not a public address")]
+pub struct AddressNotAllowed {
+    host: String,
+    ip: IpAddr,
+}
+
+/// Refuses IP-literal hosts on forbidden addresses (the resolver is not
+/// consulted for those).
+fn check_literal_host(url: &Url) -> Result<(), SendError> {
+    // The url parser normalises IPv4 spellings (`2130706433`, `0x7f.1`) to
+    // dotted form and writes IPv6 in brackets.
+    let host = url.host_str().unwrap_or_default();
+    let Ok(ip) = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    else {
+        return Ok(());
+    };
+    if is_forbidden_ip(ip) {
+        let e = AddressNotAllowed {
+            host: host.to_string(),
+            ip,
+        };
+        return Err(permanent("address_not_allowed", e.to_string()));
+    }
+    Ok(())
+}
+
+/// Resolves host names with the system resolver and refuses the name when
+/// any of its addresses is forbidden. Because reqwest connects only to the
+/// addresses returned here, a DNS answer that changes between a check and
+/// the connection (rebinding) cannot slip through.
+#[derive(Debug, Clone, Copy)]
+struct PublicOnlyResolver;
+
+impl reqwest::dns::Resolve for PublicOnlyResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if let Some(bad) = addrs.iter().find(|a| is_forbidden_ip(a.ip())) {
+                return Err(Box::new(AddressNotAllowed { host, ip: bad.ip() })
+                    as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// True for addresses a webhook must never reach: loopback, private,
+/// link-local (incl. cloud metadata 169.254.169.254), CGNAT, unspecified,
+/// multicast, broadcast, reserved and benchmarking ranges, IPv6 ULA,
+/// link-local and site-local, and IPv6 forms that embed such an IPv4
+/// address (mapped, compatible, NAT64, 6to4).
+pub fn is_forbidden_ip(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_forbidden_v4(v4),
+        IpAddr::V6(v6) => is_forbidden_v6(v6),
+    }
+}
+
+fn is_forbidden_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, c, _] = ip.octets();
+    ip.is_unspecified()
+        || a == 0 // 0.0.0.0/8 "this network"
+        || ip.is_loopback() // 127/8
+        || ip.is_private() // 10/8, 172.16/12, 192.168/16
+        || ip.is_link_local() // 169.254/16
+        || (a == 100 && (b & 0xC0) == 64) // 100.64/10 CGNAT
+        || (a == 192 && b == 0 && c == 0) // 192.0.0/24 IETF protocol assignments
+        || (a == 198 && (b & 0xFE) == 18) // 198.18/15 benchmarking
+        || ip.is_multicast() // 224/4
+        || a >= 240 // 240/4 reserved, incl. 255.255.255.255 broadcast
+}
+
+fn is_forbidden_v6(ip: Ipv6Addr) -> bool {
+    let seg = ip.segments();
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+        return true;
+    }
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return is_forbidden_v4(v4);
+    }
+    // IPv4-compatible ::a.b.c.d (deprecated) and NAT64 64:ff9b::/96.
+    let embedded_low = |ip: Ipv6Addr| {
+        let o = ip.octets();
+        Ipv4Addr::new(o[12], o[13], o[14], o[15])
+    };
+    if seg[..6] == [0, 0, 0, 0, 0, 0] || seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return is_forbidden_v4(embedded_low(ip));
+    }
+    // 6to4 2002:AABB:CCDD::/48 embeds AA.BB.CC.DD.
+    if seg[0] == 0x2002 {
+        let [a, b] = seg[1].to_be_bytes();
+        let [c, d] = seg[2].to_be_bytes();
+        return is_forbidden_v4(Ipv4Addr::new(a, b, c, d));
+    }
+    (seg[0] & 0xfe00) == 0xfc00 // fc00::/7 unique local
+        || (seg[0] & 0xffc0) == 0xfe80 // fe80::/10 link-local
+        || (seg[0] & 0xffc0) == 0xfec0 // fec0::/10 site-local (deprecated)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forbidden(s: &str) -> bool {
+        is_forbidden_ip(s.parse().unwrap())
+    }
+
+    #[test]
+    fn forbidden_ipv4() {
+        for s in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "127.0.0.1",
+            "127.255.255.254",
+            "10.0.0.1",
+            "10.255.255.255",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.0.1",
+            "192.168.255.255",
+            "169.254.0.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "100.127.255.255",
+            "192.0.0.8",
+            "198.18.0.1",
+            "198.19.255.255",
+            "224.0.0.1",
+            "239.255.255.250",
+            "240.0.0.1",
+            "255.255.255.255",
+        ] {
+            assert!(forbidden(s), "{s} should be forbidden");
+        }
+    }
+
+    #[test]
+    fn allowed_ipv4() {
+        for s in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "93.184.216.34",
+            "172.15.255.255",
+            "172.32.0.1",
+            "192.167.1.1",
+            "192.169.0.1",
+            "100.63.255.255",
+            "100.128.0.1",
+            "169.253.255.255",
+            "198.17.255.255",
+            "198.20.0.1",
+            "223.255.255.255",
+            "11.0.0.1",
+            "126.255.255.255",
+            "128.0.0.1",
+        ] {
+            assert!(!forbidden(s), "{s} should be allowed");
+        }
+    }
+
+    #[test]
+    fn forbidden_ipv6() {
+        for s in [
+            "::",
+            "::1",
+            "fc00::1",
+            "fd12:3456:789a::1",
+            "fe80::1",
+            "febf::1",
+            "fec0::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "::ffff:169.254.169.254",
+            "::ffff:192.168.1.1",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "64:ff9b::10.0.0.1",
+            "64:ff9b::169.254.169.254",
+            "2002:7f00:1::",
+            "2002:a9fe:a9fe::1",
+        ] {
+            assert!(forbidden(s), "{s} should be forbidden");
+        }
+    }
+
+    #[test]
+    fn allowed_ipv6() {
+        for s in [
+            "2001:4860:4860::8888",
+            "2606:4700:4700::1111",
+            "::ffff:8.8.8.8",
+            "64:ff9b::8.8.8.8",
+            "2002:0808:0808::1",
+            "fbff::1",
+            "fe00::1",
+        ] {
+            assert!(!forbidden(s), "{s} should be allowed");
+        }
+    }
+
+    #[test]
+    fn literal_hosts_checked_including_odd_ipv4_spellings() {
+        for u in [
+            "http://127.0.0.1/",
+            "http://[::1]:8080/",
+            "http://2130706433/",
+            "http://0x7f.1/",
+            "http://[::ffff:169.254.169.254]/",
+            "http://169.254.169.254/latest/meta-data",
+        ] {
+            let err = check_literal_host(&Url::parse(u).unwrap()).unwrap_err();
+            assert_eq!(err.code(), "address_not_allowed", "{u}");
+        }
+        assert!(check_literal_host(&Url::parse("http://8.8.8.8/").unwrap()).is_ok());
+        assert!(check_literal_host(&Url::parse("http://example.com/").unwrap()).is_ok());
+    }
+
+    #[test]
+    fn sign_matches_standard_webhooks_example() {
+        // Example from the Standard Webhooks specification.
+        let key = signing_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let body = br#"{"test": 2432232314}"#;
+        let sig = sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body);
+        assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn verify_checks_signature_and_timestamp() {
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let key = signing_key(secret).unwrap();
+        let body = b"{}";
+        let now = 1_700_000_000;
+        let mut h = HeaderMap::new();
+        h.insert("webhook-id", HeaderValue::from_static("n-1"));
+        h.insert("webhook-timestamp", HeaderValue::from(now));
+        let sig = sign(&key, "n-1", now, body);
+        h.insert(
+            "webhook-signature",
+            HeaderValue::from_str(&format!("v1,AAAA {sig}")).unwrap(),
+        );
+        assert!(verify_at(secret, &h, body, now));
+        assert!(verify_at(secret, &h, body, now + 299));
+        assert!(!verify_at(secret, &h, body, now + 301));
+        assert!(!verify_at(secret, &h, b"{ }", now));
+        assert!(!verify_at("whsec_AAAA", &h, body, now));
+        assert!(!verify_at("raw-secret", &h, body, now));
+        h.remove("webhook-id");
+        assert!(!verify_at(secret, &h, body, now));
+    }
+
+    #[test]
+    fn raw_secret_is_used_as_bytes() {
+        assert_eq!(signing_key("change-me").unwrap(), b"change-me");
+        assert!(matches!(
+            signing_key("whsec_!!!"),
+            Err(WebhookConfigError::InvalidSecret)
+        ));
+        assert!(signing_key("").is_err());
+    }
+
+    #[test]
+    fn status_classification() {
+        let c = |s: u16| classify_status(StatusCode::from_u16(s).unwrap(), None, b"");
+        assert!(c(200).is_ok());
+        assert!(c(204).is_ok());
+        assert_eq!(c(302).unwrap_err().code(), "http_redirect");
+        assert!(!c(302).unwrap_err().is_retryable());
+        assert_eq!(c(404).unwrap_err().code(), "http_status");
+        assert!(!c(400).unwrap_err().is_retryable());
+        assert!(c(408).unwrap_err().is_retryable());
+        assert!(c(500).unwrap_err().is_retryable());
+        assert!(c(503).unwrap_err().message().starts_with("HTTP 503"));
+        let e = classify_status(
+            StatusCode::TOO_MANY_REQUESTS,
+            Some(Duration::from_secs(7)),
+            b"slow down\r\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), "rate_limited");
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(7)));
+        assert_eq!(e.message(), "HTTP 429 Too Many Requests: slow down");
+    }
+
+    #[test]
+    fn extra_headers_refuse_injection() {
+        let one =
+            |n: &str, v: &str| extra_headers(&[(n.to_string(), v.to_string())].into()).map(|_| ());
+        assert!(one("x-tenant", "acme").is_ok());
+        for (n, v) in [
+            ("x-a", "a\r\nx-b: c"),
+            ("x-a", "a\nb"),
+            ("bad name", "v"),
+            ("webhook-signature", "v1,forged"),
+            ("Content-Type", "text/plain"),
+        ] {
+            assert_eq!(one(n, v).unwrap_err().code(), "invalid_header", "{n}");
+        }
+    }
+}

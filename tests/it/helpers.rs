@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::util::Timeout;
-use rdkafka::ClientConfig;
 use sqlx::{Connection, PgConnection, PgPool};
 
 use herald::app::App;
@@ -89,10 +89,19 @@ impl TestEnv {
             ("HERALD_DATABASE__URL".into(), self.database_url.clone()),
             ("HERALD_DATABASE__MIGRATE_ON_START".into(), "false".into()),
             ("HERALD_HTTP__BIND".into(), "127.0.0.1:0".into()),
-            ("HERALD_WEBHOOK__SIGNING_SECRET".into(), SIGNING_SECRET.into()),
-            ("HERALD_WEBHOOK__ALLOW_PRIVATE_TARGETS".into(), "true".into()),
+            (
+                "HERALD_WEBHOOK__SIGNING_SECRET".into(),
+                SIGNING_SECRET.into(),
+            ),
+            (
+                "HERALD_WEBHOOK__ALLOW_PRIVATE_TARGETS".into(),
+                "true".into(),
+            ),
             ("HERALD_WEBHOOK__TIMEOUT_MS".into(), "2000".into()),
-            ("HERALD_TEMPLATES__DIR".into(), templates.display().to_string()),
+            (
+                "HERALD_TEMPLATES__DIR".into(),
+                templates.display().to_string(),
+            ),
             ("HERALD_SMTP__PORT".into(), "1".into()),
         ];
         for (k, val) in extra {
@@ -107,13 +116,17 @@ impl TestEnv {
     }
 
     pub async fn pool(&self) -> PgPool {
-        PgPool::connect(&self.database_url).await.expect("connect test database")
+        PgPool::connect(&self.database_url)
+            .await
+            .expect("connect test database")
     }
 }
 
 async fn create_database(name: &str) -> String {
     let admin = admin_database_url();
-    let mut conn = PgConnection::connect(&admin).await.expect("connect to the admin database (is PostgreSQL running? scripts/services.sh start)");
+    let mut conn = PgConnection::connect(&admin)
+        .await
+        .expect("connect to the admin database (is PostgreSQL running? scripts/services.sh start)");
     sqlx::query(&format!("CREATE DATABASE \"{name}\""))
         .execute(&mut conn)
         .await
@@ -139,7 +152,11 @@ impl RunningApp {
         let task = tokio::spawn(app.run_until_stopped(async move {
             let _ = rx.await;
         }));
-        RunningApp { http, stop: Some(tx), task }
+        RunningApp {
+            http,
+            stop: Some(tx),
+            task,
+        }
     }
 
     /// Graceful stop: drain, commit, leave.
@@ -179,7 +196,10 @@ impl HeraldProcess {
     }
 
     pub fn terminate(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let _ = self.child.wait();
     }
 }
@@ -201,10 +221,13 @@ pub fn producer() -> FutureProducer {
 }
 
 pub async fn produce(p: &FutureProducer, topic: &str, key: &str, payload: &[u8]) {
-    p.send(FutureRecord::to(topic).key(key).payload(payload), Timeout::After(Duration::from_secs(30)))
-        .await
-        .map_err(|(e, _)| e)
-        .expect("produce");
+    p.send(
+        FutureRecord::to(topic).key(key).payload(payload),
+        Timeout::After(Duration::from_secs(30)),
+    )
+    .await
+    .map_err(|(e, _)| e)
+    .expect("produce");
 }
 
 /// A record read back from a topic.
@@ -239,14 +262,22 @@ impl TopicReader {
             .expect("reader");
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning).expect("tpl");
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .expect("tpl");
         }
         consumer.assign(&tpl).expect("assign");
-        TopicReader { consumer, records: Vec::new() }
+        TopicReader {
+            consumer,
+            records: Vec::new(),
+        }
     }
 
     /// Polls until `done(records)` or the timeout; returns whether `done` held.
-    pub async fn read_until(&mut self, timeout: Duration, done: impl Fn(&[Record]) -> bool) -> bool {
+    pub async fn read_until(
+        &mut self,
+        timeout: Duration,
+        done: impl Fn(&[Record]) -> bool,
+    ) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             if done(&self.records) {
@@ -262,7 +293,11 @@ impl TopicReader {
                         .map(|hs| {
                             hs.iter()
                                 .map(|h| {
-                                    (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
+                                    (
+                                        h.key.to_string(),
+                                        String::from_utf8_lossy(h.value.unwrap_or_default())
+                                            .into_owned(),
+                                    )
                                 })
                                 .collect()
                         })
@@ -286,8 +321,9 @@ impl TopicReader {
             .iter()
             .map(|r| {
                 let v = r.json();
-                herald::domain::decode::validate_delivery_status(&v)
-                    .unwrap_or_else(|e| panic!("outcome event violates delivery-status.v1.json: {e}: {v}"));
+                herald::domain::decode::validate_delivery_status(&v).unwrap_or_else(|e| {
+                    panic!("outcome event violates delivery-status.v1.json: {e}: {v}")
+                });
                 v
             })
             .collect()
@@ -295,17 +331,33 @@ impl TopicReader {
 }
 
 pub fn final_statuses() -> &'static [&'static str] {
-    &["sent", "delivered", "failed", "rejected", "suppressed", "expired", "bounced", "cancelled"]
+    &[
+        "sent",
+        "delivered",
+        "failed",
+        "rejected",
+        "suppressed",
+        "expired",
+        "bounced",
+        "cancelled",
+    ]
 }
 
 /// Distinct final event ids per notification id.
-pub fn finals_by_notification(events: &[serde_json::Value]) -> HashMap<String, std::collections::HashSet<String>> {
+pub fn finals_by_notification(
+    events: &[serde_json::Value],
+) -> HashMap<String, std::collections::HashSet<String>> {
     let mut m: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
     for e in events {
         let status = e["status"].as_str().unwrap_or_default();
         if final_statuses().contains(&status) {
-            let id = e["notification_id"].as_str().unwrap_or_default().to_string();
-            m.entry(id).or_default().insert(e["event_id"].as_str().unwrap_or_default().to_string());
+            let id = e["notification_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            m.entry(id)
+                .or_default()
+                .insert(e["event_id"].as_str().unwrap_or_default().to_string());
         }
     }
     m
@@ -329,7 +381,14 @@ impl SmtpSink {
             .unwrap_or("smtp-sink");
         let template = format!("{}/%M%S.", dir.path().display());
         let child = Command::new(bin)
-            .args(["-u", "nobody", "-d", &template, &format!("127.0.0.1:{port}"), "256"])
+            .args([
+                "-u",
+                "nobody",
+                "-d",
+                &template,
+                &format!("127.0.0.1:{port}"),
+                "256",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -353,7 +412,9 @@ impl SmtpSink {
     }
 
     pub fn count(&self) -> usize {
-        std::fs::read_dir(self.dir.path()).map(|rd| rd.count()).unwrap_or(0)
+        std::fs::read_dir(self.dir.path())
+            .map(|rd| rd.count())
+            .unwrap_or(0)
     }
 }
 
@@ -409,12 +470,18 @@ impl HttpSink {
         let app = axum::Router::new()
             .route("/{*path}", axum::routing::post(record))
             .with_state(state);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        HttpSink { addr, received, status }
+        HttpSink {
+            addr,
+            received,
+            status,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -429,7 +496,12 @@ impl HttpSink {
     pub fn counts_by_id(&self) -> HashMap<String, usize> {
         let mut m = HashMap::new();
         for r in self.received() {
-            let id = r.headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+            let id = r
+                .headers
+                .get("webhook-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
             *m.entry(id).or_insert(0) += 1;
         }
         m
@@ -438,8 +510,15 @@ impl HttpSink {
 
 type SinkState = (Arc<Mutex<Vec<Received>>>, Arc<Mutex<u16>>);
 
-async fn record(State((received, status)): State<SinkState>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    received.lock().expect("lock").push(Received { headers, body });
+async fn record(
+    State((received, status)): State<SinkState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    received
+        .lock()
+        .expect("lock")
+        .push(Received { headers, body });
     let code = *status.lock().expect("lock");
     StatusCode::from_u16(code).unwrap_or(StatusCode::OK)
 }

@@ -6,5 +6,5 @@
 //! HERALD_TEST_DATABASE_URL.
 
 mod helpers;
-mod spine;
 mod resilience;
+mod spine;

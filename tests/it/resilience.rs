@@ -17,7 +17,12 @@ fn webhook_request(id: &str, url: &str) -> Vec<u8> {
 /// Checks the end state after a load of `ids`: one distinct final outcome
 /// each, every id reached the sink, and any extra delivery is a documented
 /// crash-window resend (the notification shows more than one attempt).
-async fn assert_exactly_once(env: &TestEnv, ids: &[String], sink: &HttpSink, outcomes: &TopicReader) -> usize {
+async fn assert_exactly_once(
+    env: &TestEnv,
+    ids: &[String],
+    sink: &HttpSink,
+    outcomes: &TopicReader,
+) -> usize {
     let events = outcomes.events();
     let finals = finals_by_notification(&events);
     for id in ids {
@@ -26,26 +31,30 @@ async fn assert_exactly_once(env: &TestEnv, ids: &[String], sink: &HttpSink, out
     }
     let counts = sink.counts_by_id();
     let pool = env.pool().await;
-    let attempts: HashMap<String, i32> = sqlx::query_as::<_, (String, i32)>("SELECT id, attempts FROM notifications")
-        .fetch_all(&pool)
-        .await
-        .expect("attempts")
-        .into_iter()
-        .collect();
+    let attempts: HashMap<String, i32> =
+        sqlx::query_as::<_, (String, i32)>("SELECT id, attempts FROM notifications")
+            .fetch_all(&pool)
+            .await
+            .expect("attempts")
+            .into_iter()
+            .collect();
     let mut resent = 0;
     for id in ids {
         let c = counts.get(id).copied().unwrap_or(0);
         assert!(c >= 1, "notification {id} never reached the sink");
         if c > 1 {
-            assert!(attempts.get(id).copied().unwrap_or(0) > 1,
-                "{id} delivered {c} times without a recorded resumed attempt");
+            assert!(
+                attempts.get(id).copied().unwrap_or(0) > 1,
+                "{id} delivered {c} times without a recorded resumed attempt"
+            );
             resent += c - 1;
         }
     }
-    let statuses: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM notifications GROUP BY status")
-        .fetch_all(&pool)
-        .await
-        .expect("statuses");
+    let statuses: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM notifications GROUP BY status")
+            .fetch_all(&pool)
+            .await
+            .expect("statuses");
     assert_eq!(statuses, vec![("sent".to_string(), ids.len() as i64)]);
     resent
 }
@@ -56,16 +65,30 @@ async fn sigkill_mid_load_and_restart_loses_nothing() {
     let env = TestEnv::new(4).await;
     let sink = HttpSink::start().await;
     let logs = tempfile::tempdir().expect("tmp");
-    let vars = env.vars(&[("HERALD_KAFKA__GROUP_INSTANCE_ID", format!("herald-{}-0", env.id))]);
+    let vars = env.vars(&[(
+        "HERALD_KAFKA__GROUP_INSTANCE_ID",
+        format!("herald-{}-0", env.id),
+    )]);
     let mut herald = HeraldProcess::spawn(vars.clone(), &logs.path().join("run1.log"));
 
     let p = producer();
     let ids: Vec<String> = (0..N).map(|i| format!("kill-{}-{i}", env.id)).collect();
     for (i, id) in ids.iter().enumerate() {
-        produce(&p, &env.requests, &format!("user-{}", i % 97), &webhook_request(id, &sink.url("/load"))).await;
+        produce(
+            &p,
+            &env.requests,
+            &format!("user-{}", i % 97),
+            &webhook_request(id, &sink.url("/load")),
+        )
+        .await;
     }
     let mut outcomes = TopicReader::new(&env.outcomes, env.partitions);
-    assert!(outcomes.read_until(Duration::from_secs(90), |r| r.len() >= N / 4).await, "first quarter processed");
+    assert!(
+        outcomes
+            .read_until(Duration::from_secs(90), |r| r.len() >= N / 4)
+            .await,
+        "first quarter processed"
+    );
     herald.kill9();
     let at_kill = outcomes.records.len();
     let mut herald = HeraldProcess::spawn(vars, &logs.path().join("run2.log"));
@@ -78,10 +101,16 @@ async fn sigkill_mid_load_and_restart_loses_nothing() {
     herald.terminate();
     if !done {
         let log = std::fs::read_to_string(logs.path().join("run2.log")).unwrap_or_default();
-        panic!("not every request finished after the restart ({} outcomes); log:\n{}", outcomes.records.len(), &log[log.len().saturating_sub(4000)..]);
+        panic!(
+            "not every request finished after the restart ({} outcomes); log:\n{}",
+            outcomes.records.len(),
+            &log[log.len().saturating_sub(4000)..]
+        );
     }
     let resent = assert_exactly_once(&env, &ids, &sink, &outcomes).await;
-    eprintln!("sigkill test: killed after {at_kill} outcomes; {resent} crash-window resends (same webhook-id)");
+    eprintln!(
+        "sigkill test: killed after {at_kill} outcomes; {resent} crash-window resends (same webhook-id)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -89,32 +118,68 @@ async fn two_instances_share_partitions_and_a_graceful_leave_hands_over() {
     const N: usize = 600;
     let env = TestEnv::new(4).await;
     let sink = HttpSink::start().await;
-    let a = RunningApp::start(env.settings(&[("HERALD_KAFKA__GROUP_INSTANCE_ID", format!("a-{}", env.id))])).await;
-    let b = RunningApp::start(env.settings(&[("HERALD_KAFKA__GROUP_INSTANCE_ID", format!("b-{}", env.id))])).await;
+    let a = RunningApp::start(
+        env.settings(&[("HERALD_KAFKA__GROUP_INSTANCE_ID", format!("a-{}", env.id))]),
+    )
+    .await;
+    let b = RunningApp::start(
+        env.settings(&[("HERALD_KAFKA__GROUP_INSTANCE_ID", format!("b-{}", env.id))]),
+    )
+    .await;
     let p = producer();
     let ids: Vec<String> = (0..N).map(|i| format!("pair-{}-{i}", env.id)).collect();
     let url = sink.url("/pair");
     // Wait until both members are in the group (each owns partitions) before loading.
     let consumed = |addr| async move {
-        let text = reqwest::get(format!("http://{addr}/metrics")).await.ok()?.text().await.ok()?;
+        let text = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
         text.lines()
             .filter(|l| l.starts_with("herald_requests_consumed_total"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .next()
     };
     for (i, id) in ids.iter().take(N / 2).enumerate() {
-        produce(&p, &env.requests, &format!("user-{i}"), &webhook_request(id, &url)).await;
+        produce(
+            &p,
+            &env.requests,
+            &format!("user-{i}"),
+            &webhook_request(id, &url),
+        )
+        .await;
     }
     let mut outcomes = TopicReader::new(&env.outcomes, env.partitions);
-    assert!(outcomes.read_until(Duration::from_secs(90), |r| r.len() >= N / 2).await);
-    let (ca, cb) = (consumed(a.http).await.unwrap_or(0), consumed(b.http).await.unwrap_or(0));
+    assert!(
+        outcomes
+            .read_until(Duration::from_secs(90), |r| r.len() >= N / 2)
+            .await
+    );
+    let (ca, cb) = (
+        consumed(a.http).await.unwrap_or(0),
+        consumed(b.http).await.unwrap_or(0),
+    );
     assert!(ca > 0 && cb > 0, "both instances consumed: a={ca} b={cb}");
     assert_eq!(ca + cb, (N / 2) as u64, "each request consumed once");
     b.stop().await; // graceful: drains, commits, leaves the group
     for (i, id) in ids.iter().enumerate().skip(N / 2) {
-        produce(&p, &env.requests, &format!("user-{i}"), &webhook_request(id, &url)).await;
+        produce(
+            &p,
+            &env.requests,
+            &format!("user-{i}"),
+            &webhook_request(id, &url),
+        )
+        .await;
     }
-    assert!(outcomes.read_until(Duration::from_secs(120), |r| r.len() >= N).await, "survivor took over: {} outcomes", outcomes.records.len());
+    assert!(
+        outcomes
+            .read_until(Duration::from_secs(120), |r| r.len() >= N)
+            .await,
+        "survivor took over: {} outcomes",
+        outcomes.records.len()
+    );
     a.stop().await;
     let resent = assert_exactly_once(&env, &ids, &sink, &outcomes).await;
     assert_eq!(resent, 0, "no crash here, so no resends");

@@ -11,14 +11,18 @@ use crate::helpers::*;
 const WAIT: Duration = Duration::from_secs(60);
 
 fn events_for<'a>(events: &'a [serde_json::Value], id: &str) -> Vec<&'a serde_json::Value> {
-    events.iter().filter(|e| e["notification_id"] == id).collect()
+    events
+        .iter()
+        .filter(|e| e["notification_id"] == id)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn email_request_is_delivered_over_smtp_and_reported_sent() {
     let env = TestEnv::new(2).await;
     let sink = SmtpSink::start();
-    let app = RunningApp::start(env.settings(&[("HERALD_SMTP__PORT", sink.port.to_string())])).await;
+    let app =
+        RunningApp::start(env.settings(&[("HERALD_SMTP__PORT", sink.port.to_string())])).await;
     let id = format!("email-{}", suffix());
     let request = json!({
         "id": id,
@@ -39,12 +43,22 @@ async fn email_request_is_delivered_over_smtp_and_reported_sent() {
         },
         "correlation_id": "corr-1"
     });
-    produce(&producer(), &env.requests, "acme:u-1", request.to_string().as_bytes()).await;
+    produce(
+        &producer(),
+        &env.requests,
+        "acme:u-1",
+        request.to_string().as_bytes(),
+    )
+    .await;
 
     let mut outcomes = TopicReader::new(&env.outcomes, env.partitions);
     let id2 = id.clone();
     assert!(
-        outcomes.read_until(WAIT, |r| r.iter().any(|x| x.json()["notification_id"] == id2.as_str())).await,
+        outcomes
+            .read_until(WAIT, |r| r
+                .iter()
+                .any(|x| x.json()["notification_id"] == id2.as_str()))
+            .await,
         "no outcome for {id}"
     );
     let events = outcomes.events();
@@ -59,7 +73,11 @@ async fn email_request_is_delivered_over_smtp_and_reported_sent() {
     assert_eq!(e["attempt"], 1);
     assert_eq!(e["correlation_id"], "corr-1");
     // outcome keyed by notification id
-    let rec = outcomes.records.iter().find(|r| r.json()["notification_id"] == id.as_str()).expect("record");
+    let rec = outcomes
+        .records
+        .iter()
+        .find(|r| r.json()["notification_id"] == id.as_str())
+        .expect("record");
     assert_eq!(rec.key.as_deref(), Some(id.as_str()));
 
     let messages = sink.messages();
@@ -69,32 +87,58 @@ async fn email_request_is_delivered_over_smtp_and_reported_sent() {
     for rcpt in ["ada@example.com", "cc@example.com", "audit@example.com"] {
         assert!(m.contains(rcpt), "{rcpt} is a recipient: {m}");
     }
-    assert!(m.contains(&format!("Subject: Your order {id} shipped")), "subject rendered: {m}");
-    assert!(m.contains("Hello ada@example.com, it shipped."), "text part: {m}");
+    assert!(
+        m.contains(&format!("Subject: Your order {id} shipped")),
+        "subject rendered: {m}"
+    );
+    assert!(
+        m.contains("Hello ada@example.com, it shipped."),
+        "text part: {m}"
+    );
     assert!(m.contains("multipart/alternative"), "html + text: {m}");
     assert!(m.contains("X-Campaign: spring"), "custom header: {m}");
-    assert!(!m.to_ascii_lowercase().contains("\nbcc:"), "no Bcc header: {m}");
+    assert!(
+        !m.to_ascii_lowercase().contains("\nbcc:"),
+        "no Bcc header: {m}"
+    );
 
     let pool = env.pool().await;
-    let (status, attempts): (String, i32) = sqlx::query_as("SELECT status, attempts FROM notifications WHERE id = $1")
-        .bind(&id)
-        .fetch_one(&pool)
-        .await
-        .expect("row");
+    let (status, attempts): (String, i32) =
+        sqlx::query_as("SELECT status, attempts FROM notifications WHERE id = $1")
+            .bind(&id)
+            .fetch_one(&pool)
+            .await
+            .expect("row");
     assert_eq!((status.as_str(), attempts), ("sent", 1));
-    let log: (String, String) = sqlx::query_as("SELECT status, provider FROM delivery_attempts WHERE notification_id = $1")
-        .bind(&id)
-        .fetch_one(&pool)
-        .await
-        .expect("attempt row");
+    let log: (String, String) =
+        sqlx::query_as("SELECT status, provider FROM delivery_attempts WHERE notification_id = $1")
+            .bind(&id)
+            .fetch_one(&pool)
+            .await
+            .expect("attempt row");
     assert_eq!(log, ("sent".to_string(), "smtp".to_string()));
 
-    let metrics = reqwest::get(format!("http://{}/metrics", app.http)).await.expect("metrics").text().await.expect("body");
-    assert!(metrics.contains("herald_outcomes_total{channel=\"email\",status=\"sent\"} 1"), "{metrics}");
-    assert!(metrics.contains("herald_send_duration_seconds_bucket"), "{metrics}");
-    let health = reqwest::get(format!("http://{}/healthz", app.http)).await.expect("healthz");
+    let metrics = reqwest::get(format!("http://{}/metrics", app.http))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        metrics.contains("herald_outcomes_total{channel=\"email\",status=\"sent\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("herald_send_duration_seconds_bucket"),
+        "{metrics}"
+    );
+    let health = reqwest::get(format!("http://{}/healthz", app.http))
+        .await
+        .expect("healthz");
     assert_eq!(health.status(), 200);
-    let ready = reqwest::get(format!("http://{}/readyz", app.http)).await.expect("readyz");
+    let ready = reqwest::get(format!("http://{}/readyz", app.http))
+        .await
+        .expect("readyz");
     assert_eq!(ready.status(), 200, "{:?}", ready.text().await);
     app.stop().await;
 }
@@ -111,10 +155,22 @@ async fn webhook_request_is_posted_with_a_valid_signature() {
         "recipient": { "url": sink.url("/hooks/orders") },
         "template": { "key": "order_shipped", "data": { "order_id": "A-17", "items": [{"name": "Tea"}, {"name": "Mug"}] } }
     });
-    produce(&producer(), &env.requests, "k", request.to_string().as_bytes()).await;
+    produce(
+        &producer(),
+        &env.requests,
+        "k",
+        request.to_string().as_bytes(),
+    )
+    .await;
     let mut outcomes = TopicReader::new(&env.outcomes, 1);
     let id2 = id.clone();
-    assert!(outcomes.read_until(WAIT, |r| r.iter().any(|x| x.json()["notification_id"] == id2.as_str())).await);
+    assert!(
+        outcomes
+            .read_until(WAIT, |r| r
+                .iter()
+                .any(|x| x.json()["notification_id"] == id2.as_str()))
+            .await
+    );
     let events = outcomes.events();
     let mine = events_for(&events, &id);
     assert_eq!(mine.len(), 1);
@@ -124,7 +180,13 @@ async fn webhook_request_is_posted_with_a_valid_signature() {
     let got = sink.received();
     assert_eq!(got.len(), 1);
     let r = &got[0];
-    let h = |k: &str| r.headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let h = |k: &str| {
+        r.headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
     assert_eq!(h("webhook-id"), id);
     let ts = h("webhook-timestamp");
     assert!(ts.parse::<i64>().is_ok(), "timestamp header: {ts:?}");
@@ -132,13 +194,23 @@ async fn webhook_request_is_posted_with_a_valid_signature() {
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SIGNING_SECRET.as_bytes()).expect("hmac");
     mac.update(format!("{id}.{ts}.").as_bytes());
     mac.update(&r.body);
-    let expected = format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()));
-    assert!(h("webhook-signature").split(' ').any(|s| s == expected), "signature {} != {expected}", h("webhook-signature"));
+    let expected = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    );
+    assert!(
+        h("webhook-signature").split(' ').any(|s| s == expected),
+        "signature {} != {expected}",
+        h("webhook-signature")
+    );
     let body: serde_json::Value = serde_json::from_slice(&r.body).expect("json body");
     assert_eq!(body["notification_id"], id.as_str());
     assert_eq!(body["data"]["order_id"], "A-17");
     let text = body["text"].as_str().unwrap_or_default();
-    assert!(text.contains("A-17") && text.contains("Tea") && text.contains("Mug"), "rendered template: {body}");
+    assert!(
+        text.contains("A-17") && text.contains("Tea") && text.contains("Mug"),
+        "rendered template: {body}"
+    );
     app.stop().await;
 }
 
@@ -154,27 +226,65 @@ async fn bad_requests_are_dead_lettered_and_the_partition_moves_on() {
     // All on one partition, same key: each must be settled before the next.
     produce(&p, &env.requests, "same", b"{not json").await;
     produce(&p, &env.requests, "same", &[0xff, 0xfe, 0x00]).await;
-    produce(&p, &env.requests, "same", json!({"id": schema_bad_id, "channel": "carrier-pigeon", "recipient": {}}).to_string().as_bytes()).await;
+    produce(
+        &p,
+        &env.requests,
+        "same",
+        json!({"id": schema_bad_id, "channel": "carrier-pigeon", "recipient": {}})
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
     produce(&p, &env.requests, "same", json!({"id": addr_bad_id, "channel": "email", "recipient": {"email": "not-an-address"}, "content": {"text": "x"}}).to_string().as_bytes()).await;
     produce(&p, &env.requests, "same", json!({"id": good_id, "channel": "webhook", "recipient": {"url": sink.url("/ok")}, "content": {"text": "fine"}}).to_string().as_bytes()).await;
 
     let mut dlq = TopicReader::new(&env.dlq, 1);
-    assert!(dlq.read_until(WAIT, |r| r.len() >= 4).await, "4 dead letters, got {}", dlq.records.len());
-    let codes: Vec<String> = dlq.records.iter().map(|r| r.headers["herald-error-code"].clone()).collect();
-    assert_eq!(codes, vec!["invalid_json", "invalid_json", "schema_violation", "invalid_address"]);
+    assert!(
+        dlq.read_until(WAIT, |r| r.len() >= 4).await,
+        "4 dead letters, got {}",
+        dlq.records.len()
+    );
+    let codes: Vec<String> = dlq
+        .records
+        .iter()
+        .map(|r| r.headers["herald-error-code"].clone())
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            "invalid_json",
+            "invalid_json",
+            "schema_violation",
+            "invalid_address"
+        ]
+    );
     assert_eq!(dlq.records[0].payload, b"{not json");
     for r in &dlq.records {
         assert_eq!(r.headers["herald-source-topic"], env.requests);
         assert_eq!(r.headers["herald-source-partition"], "0");
         assert!(!r.headers["herald-error"].is_empty());
     }
-    let offsets: Vec<&str> = dlq.records.iter().map(|r| r.headers["herald-source-offset"].as_str()).collect();
+    let offsets: Vec<&str> = dlq
+        .records
+        .iter()
+        .map(|r| r.headers["herald-source-offset"].as_str())
+        .collect();
     assert_eq!(offsets, vec!["0", "1", "2", "3"]);
-    assert!(dlq.records[3].headers["herald-error"].contains("recipient.email"), "names the field: {:?}", dlq.records[3].headers);
+    assert!(
+        dlq.records[3].headers["herald-error"].contains("recipient.email"),
+        "names the field: {:?}",
+        dlq.records[3].headers
+    );
 
     let mut outcomes = TopicReader::new(&env.outcomes, 1);
     let g = good_id.clone();
-    assert!(outcomes.read_until(WAIT, |r| r.iter().any(|x| x.json()["notification_id"] == g.as_str())).await);
+    assert!(
+        outcomes
+            .read_until(WAIT, |r| r
+                .iter()
+                .any(|x| x.json()["notification_id"] == g.as_str()))
+            .await
+    );
     let events = outcomes.events();
     for bad in [&schema_bad_id, &addr_bad_id] {
         let e = events_for(&events, bad);
@@ -191,7 +301,8 @@ async fn bad_requests_are_dead_lettered_and_the_partition_moves_on() {
 async fn the_same_request_twice_sends_one_email() {
     let env = TestEnv::new(2).await;
     let sink = SmtpSink::start();
-    let app = RunningApp::start(env.settings(&[("HERALD_SMTP__PORT", sink.port.to_string())])).await;
+    let app =
+        RunningApp::start(env.settings(&[("HERALD_SMTP__PORT", sink.port.to_string())])).await;
     let id = format!("dup-{}", suffix());
     let request = json!({"id": id, "channel": "email", "recipient": {"email": "bob@example.com"}, "content": {"subject": "Once", "text": "only once"}});
     let p = producer();
@@ -202,12 +313,26 @@ async fn the_same_request_twice_sends_one_email() {
     produce(&p, &env.requests, "bob", after.to_string().as_bytes()).await;
     let mut outcomes = TopicReader::new(&env.outcomes, 2);
     let m = marker.clone();
-    assert!(outcomes.read_until(WAIT, |r| r.iter().any(|x| x.json()["notification_id"] == m.as_str())).await);
+    assert!(
+        outcomes
+            .read_until(WAIT, |r| r
+                .iter()
+                .any(|x| x.json()["notification_id"] == m.as_str()))
+            .await
+    );
     // Same key → processed in order, so both copies of `id` were handled before the marker.
     let events = outcomes.events();
     let finals = finals_by_notification(&events);
-    assert_eq!(finals[&id].len(), 1, "one distinct final outcome (re-publication keeps the event id)");
-    assert_eq!(sink.count(), 2, "one email for the duplicated request + one for the marker");
+    assert_eq!(
+        finals[&id].len(),
+        1,
+        "one distinct final outcome (re-publication keeps the event id)"
+    );
+    assert_eq!(
+        sink.count(),
+        2,
+        "one email for the duplicated request + one for the marker"
+    );
     let dumps = sink.messages();
     assert_eq!(dumps.iter().filter(|m| m.contains("only once")).count(), 1);
     app.stop().await;
@@ -229,7 +354,14 @@ async fn template_errors_and_missing_adapters_fail_without_sending() {
     let t = events_for(&events, &missing_var);
     assert_eq!(t[0]["status"], "failed");
     assert_eq!(t[0]["error"]["code"], "template_error");
-    assert!(t[0]["error"]["message"].as_str().unwrap_or_default().contains("user"), "{}", t[0]);
+    assert!(
+        t[0]["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("user"),
+        "{}",
+        t[0]
+    );
     let s = events_for(&events, &no_adapter);
     assert_eq!(s[0]["status"], "failed");
     assert_eq!(s[0]["error"]["code"], "channel_unavailable");
@@ -243,7 +375,9 @@ async fn a_batch_request_becomes_one_notification_per_recipient() {
     let sink = HttpSink::start().await;
     let app = RunningApp::start(env.settings(&[])).await;
     let id = format!("batch-{}", suffix());
-    let recipients: Vec<_> = (0..5).map(|i| json!({"url": sink.url(&format!("/r{i}"))})).collect();
+    let recipients: Vec<_> = (0..5)
+        .map(|i| json!({"url": sink.url(&format!("/r{i}"))}))
+        .collect();
     produce(&producer(), &env.requests, "b", json!({"id": id, "channel": "webhook", "recipients": recipients, "content": {"text": "hi"}}).to_string().as_bytes()).await;
     let mut outcomes = TopicReader::new(&env.outcomes, 1);
     assert!(outcomes.read_until(WAIT, |r| r.len() >= 5).await);

@@ -1,0 +1,643 @@
+//! Adapter-level integration tests against real servers on 127.0.0.1:
+//! postfix's `smtp-sink` for SMTP and an axum server for webhooks.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::post;
+use herald::channels::smtp::SmtpAdapter;
+use herald::channels::webhook::{self, WebhookAdapter};
+use herald::channels::{ChannelAdapter, SendError};
+use herald::config::{Settings, SmtpSettings, SmtpTls, WebhookSettings};
+use herald::domain::{
+    Channel, Content, EmailAddress, InlineContent, Meta, Notification, Priority, Recipient,
+    WebhookUrl,
+};
+use herald::render::RenderedContent;
+use secrecy::SecretString;
+
+// ---------------------------------------------------------------- helpers
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn notification(id: &str, channel: Channel, recipient: Recipient, meta: Meta) -> Notification {
+    Notification {
+        id: id.to_string(),
+        request_id: id.split(':').next().unwrap().to_string(),
+        tenant_id: Some("acme".into()),
+        app_id: None,
+        channel,
+        recipient,
+        content: Content::Inline(InlineContent::default()),
+        priority: Priority::Normal,
+        category: None,
+        scheduled_at: None,
+        expires_at: None,
+        meta,
+        correlation_id: Some("corr-9".into()),
+    }
+}
+
+fn email(s: &str) -> EmailAddress {
+    EmailAddress::parse(s).unwrap()
+}
+
+fn email_notification(id: &str, to: &str, meta: Meta) -> Notification {
+    let recipient = Recipient {
+        email: Some(email(to)),
+        ..Default::default()
+    };
+    notification(id, Channel::Email, recipient, meta)
+}
+
+fn content() -> RenderedContent {
+    RenderedContent {
+        subject: Some("Your order shipped".into()),
+        text: Some("Plain text part".into()),
+        html: Some("<p>HTML part</p>".into()),
+        data: serde_json::json!({"order": 42}),
+    }
+}
+
+/// A running `smtp-sink`, killed on drop, dumping into its own directory.
+struct SmtpSink {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl SmtpSink {
+    fn start(extra: &[&str]) -> SmtpSink {
+        let dir = tempfile::tempdir().unwrap();
+        // smtp-sink drops privileges to `nobody`, which must write the dumps.
+        Command::new("chmod")
+            .arg("777")
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        let port = free_port();
+        let template = format!("{}/%M.", dir.path().display());
+        let bin = if Path::new("/usr/sbin/smtp-sink").exists() {
+            "/usr/sbin/smtp-sink"
+        } else {
+            "smtp-sink"
+        };
+        let child = Command::new(bin)
+            .args(["-u", "nobody", "-d", &template])
+            .args(extra)
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("100")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("smtp-sink (apt package postfix) must be installed");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "smtp-sink did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        SmtpSink { child, port, dir }
+    }
+
+    fn settings(&self, pool_size: usize) -> SmtpSettings {
+        smtp_settings(self.port, pool_size)
+    }
+
+    fn dumps(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(self.dir.path()).unwrap() {
+            out.push(e.unwrap().path());
+        }
+        out
+    }
+
+    /// Waits until `n` dump files exist and are complete (smtp-sink writes
+    /// them while the transaction runs).
+    async fn wait_for_dumps(&self, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let paths = self.dumps();
+            if paths.len() >= n {
+                let texts: Vec<String> = paths
+                    .iter()
+                    .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+                    .collect();
+                if texts.iter().all(|t| t.contains("Plain text part")) {
+                    return texts;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} dumps, found {}",
+                paths.len()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn smtp_settings(port: u16, pool_size: usize) -> SmtpSettings {
+    let mut s = Settings::load_with_env(None, Vec::new()).unwrap().smtp;
+    s.host = "127.0.0.1".into();
+    s.port = port;
+    s.tls = SmtpTls::None;
+    s.pool_size = pool_size;
+    s.timeout_ms = 2000;
+    s.default_from = "Herald <herald@example.com>".into();
+    s
+}
+
+fn assert_code(err: &SendError, code: &str, retryable: bool) {
+    assert_eq!(err.code(), code, "{err:?}");
+    assert_eq!(err.is_retryable(), retryable, "{err:?}");
+}
+
+// ---------------------------------------------------------------- SMTP
+
+#[tokio::test]
+async fn smtp_sends_full_message_with_envelope_and_headers() {
+    let sink = SmtpSink::start(&[]);
+    let adapter = SmtpAdapter::new(&sink.settings(2)).unwrap();
+    let meta = Meta {
+        from: Some(email("orders@shop.example")),
+        reply_to: Some(email("support@shop.example")),
+        cc: vec![email("cc@example.org")],
+        bcc: vec![email("audit@example.org")],
+        headers: [("X-Campaign".to_string(), "spring-sale".to_string())].into(),
+    };
+    let n = email_notification("req-1", "alice@example.com", meta);
+    let receipt = adapter.send(&n, &content()).await.unwrap();
+    assert_eq!(receipt.provider, "smtp");
+    assert!(receipt.provider_message_id.is_some());
+
+    let dumps = sink.wait_for_dumps(1).await;
+    assert_eq!(dumps.len(), 1);
+    let d = &dumps[0];
+    assert!(d.contains("X-Mail-Args: <orders@shop.example>"), "{d}");
+    for rcpt in ["alice@example.com", "cc@example.org", "audit@example.org"] {
+        assert!(d.contains(&format!("X-Rcpt-Args: <{rcpt}>")), "{rcpt}: {d}");
+    }
+    for header in [
+        "From: orders@shop.example\n",
+        "To: alice@example.com\n",
+        "Cc: cc@example.org\n",
+        "Reply-To: support@shop.example\n",
+        "Subject: Your order shipped\n",
+        "X-Campaign: spring-sale\n",
+        "Message-ID: <req-1@herald>\n",
+        "Content-Type: multipart/alternative;",
+        "Content-Type: text/plain; charset=utf-8",
+        "Content-Type: text/html; charset=utf-8",
+        "Plain text part",
+        "<p>HTML part</p>",
+    ] {
+        let found = d.contains(header) || d.contains(&header.replace('\n', "\r\n"));
+        assert!(found, "missing {header:?} in {d}");
+    }
+    assert!(
+        !d.lines()
+            .any(|l| l.to_ascii_lowercase().starts_with("bcc:")),
+        "Bcc header leaked: {d}"
+    );
+}
+
+#[tokio::test]
+async fn smtp_default_from_and_text_only() {
+    let sink = SmtpSink::start(&[]);
+    let adapter = SmtpAdapter::new(&sink.settings(1)).unwrap();
+    let n = email_notification("req-2", "bob@example.com", Meta::default());
+    let c = RenderedContent {
+        html: None,
+        ..content()
+    };
+    adapter.send(&n, &c).await.unwrap();
+    let d = &sink.wait_for_dumps(1).await[0];
+    assert!(d.contains("X-Mail-Args: <herald@example.com>"), "{d}");
+    assert!(d.contains("Herald <herald@example.com>"), "{d}");
+    assert!(!d.contains("multipart"), "{d}");
+}
+
+#[tokio::test]
+async fn smtp_200_concurrent_sends_over_pool_of_8() {
+    let sink = SmtpSink::start(&[]);
+    let adapter = Arc::new(SmtpAdapter::new(&sink.settings(8)).unwrap());
+    let started = Instant::now();
+    let sends = (0..200).map(|i| {
+        let adapter = adapter.clone();
+        tokio::spawn(async move {
+            let n = email_notification(&format!("bulk-{i}"), "bulk@example.com", Meta::default());
+            adapter.send(&n, &content()).await
+        })
+    });
+    let results = futures::future::join_all(sends).await;
+    let elapsed = started.elapsed();
+    for r in results {
+        r.unwrap().unwrap();
+    }
+    let dumps = sink.wait_for_dumps(200).await;
+    assert_eq!(dumps.len(), 200);
+    // With TCP_NODELAY this takes well under a second; lettre's stock
+    // connector (~22 msg/s per connection) would need over a second.
+    assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+    eprintln!("200 messages over 8 connections in {elapsed:?}");
+}
+
+#[tokio::test]
+async fn smtp_hard_reject_is_permanent_with_server_reply() {
+    let sink = SmtpSink::start(&["-f", "RCPT"]);
+    let adapter = SmtpAdapter::new(&sink.settings(1)).unwrap();
+    let n = email_notification("req-3", "nobody@example.com", Meta::default());
+    for _ in 0..2 {
+        // The second send reuses the connection after RSET.
+        let err = adapter.send(&n, &content()).await.unwrap_err();
+        assert_code(&err, "smtp_permanent", false);
+        // The relay's own reply (code and text) is kept for the outcome.
+        assert!(err.message().contains("(5"), "{err:?}");
+        eprintln!("hard reject: {}", err.message());
+    }
+}
+
+#[tokio::test]
+async fn smtp_soft_reject_is_retryable() {
+    let sink = SmtpSink::start(&["-r", "DATA"]);
+    let adapter = SmtpAdapter::new(&sink.settings(1)).unwrap();
+    let n = email_notification("req-4", "later@example.com", Meta::default());
+    let err = adapter.send(&n, &content()).await.unwrap_err();
+    assert_code(&err, "smtp_transient", true);
+}
+
+#[tokio::test]
+async fn smtp_refused_port_is_retryable() {
+    let adapter = SmtpAdapter::new(&smtp_settings(free_port(), 1)).unwrap();
+    let n = email_notification("req-5", "x@example.com", Meta::default());
+    let err = adapter.send(&n, &content()).await.unwrap_err();
+    assert_code(&err, "smtp_connect", true);
+    assert!(adapter.check().await.is_err());
+}
+
+#[tokio::test]
+async fn smtp_silent_server_times_out() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accepts and never says a word.
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            held.push(s);
+        }
+    });
+    let mut settings = smtp_settings(port, 1);
+    settings.timeout_ms = 300;
+    let adapter = SmtpAdapter::new(&settings).unwrap();
+    let n = email_notification("req-6", "x@example.com", Meta::default());
+    let started = Instant::now();
+    let err = adapter.send(&n, &content()).await.unwrap_err();
+    assert_code(&err, "smtp_timeout", true);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    server.abort();
+}
+
+#[tokio::test]
+async fn smtp_reconnects_when_idle_connection_was_closed() {
+    // `-t 1`: the sink drops clients idle for a second.
+    let sink = SmtpSink::start(&["-t", "1"]);
+    let adapter = SmtpAdapter::new(&sink.settings(1)).unwrap();
+    let n = email_notification("req-7", "x@example.com", Meta::default());
+    adapter.send(&n, &content()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    adapter.send(&n, &content()).await.unwrap();
+    sink.wait_for_dumps(2).await;
+}
+
+#[tokio::test]
+async fn smtp_starttls_required_but_not_offered_fails() {
+    let sink = SmtpSink::start(&[]);
+    let mut settings = sink.settings(1);
+    settings.tls = SmtpTls::Starttls;
+    let adapter = SmtpAdapter::new(&settings).unwrap();
+    let n = email_notification("req-8", "x@example.com", Meta::default());
+    let err = adapter.send(&n, &content()).await.unwrap_err();
+    assert_code(&err, "smtp_tls", true);
+    assert!(sink.dumps().is_empty());
+}
+
+#[tokio::test]
+async fn smtp_check_connects_and_quits() {
+    let sink = SmtpSink::start(&[]);
+    let adapter = SmtpAdapter::new(&sink.settings(1)).unwrap();
+    adapter.check().await.unwrap();
+}
+
+#[tokio::test]
+async fn smtp_missing_address_and_injection_are_permanent() {
+    let sink = SmtpSink::start(&[]);
+    let adapter = SmtpAdapter::new(&sink.settings(1)).unwrap();
+    let mut n = email_notification("req-9", "x@example.com", Meta::default());
+    n.recipient.email = None;
+    assert_code(
+        &adapter.send(&n, &content()).await.unwrap_err(),
+        "no_address",
+        false,
+    );
+    let meta = Meta {
+        headers: [(
+            "X-Evil".to_string(),
+            "a\r\nBcc: victim@example.com".to_string(),
+        )]
+        .into(),
+        ..Default::default()
+    };
+    let n = email_notification("req-10", "x@example.com", meta);
+    assert_code(
+        &adapter.send(&n, &content()).await.unwrap_err(),
+        "invalid_header",
+        false,
+    );
+    assert!(sink.dumps().is_empty());
+}
+
+// ---------------------------------------------------------------- webhook
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+#[derive(Clone, Default)]
+struct Recorder {
+    requests: Arc<Mutex<Vec<(String, HeaderMap, Bytes)>>>,
+}
+
+impl Recorder {
+    fn record(&self, path: &str, headers: HeaderMap, body: Bytes) {
+        self.requests
+            .lock()
+            .unwrap()
+            .push((path.to_string(), headers, body));
+    }
+    fn paths(&self) -> Vec<String> {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.0.clone())
+            .collect()
+    }
+}
+
+async fn hook_server() -> (SocketAddr, Recorder) {
+    let rec = Recorder::default();
+    async fn ok(State(r): State<Recorder>, h: HeaderMap, b: Bytes) -> impl IntoResponse {
+        r.record("/ok", h, b);
+        (StatusCode::OK, "thanks")
+    }
+    async fn fail(State(r): State<Recorder>, h: HeaderMap, b: Bytes) -> impl IntoResponse {
+        r.record("/fail", h, b);
+        (StatusCode::SERVICE_UNAVAILABLE, "down for maintenance")
+    }
+    async fn limited(State(r): State<Recorder>, h: HeaderMap, b: Bytes) -> impl IntoResponse {
+        r.record("/limited", h, b);
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", "7")],
+            "slow down",
+        )
+    }
+    async fn gone(State(r): State<Recorder>, h: HeaderMap, b: Bytes) -> impl IntoResponse {
+        r.record("/gone", h, b);
+        StatusCode::NOT_FOUND
+    }
+    async fn redirect(State(r): State<Recorder>, h: HeaderMap, b: Bytes) -> impl IntoResponse {
+        r.record("/redirect", h, b);
+        (StatusCode::FOUND, [("location", "/ok")])
+    }
+    async fn hang(State(r): State<Recorder>, h: HeaderMap, b: Bytes) -> impl IntoResponse {
+        r.record("/hang", h, b);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        StatusCode::OK
+    }
+    async fn big(State(r): State<Recorder>, h: HeaderMap, b: Bytes) -> impl IntoResponse {
+        r.record("/big", h, b);
+        (StatusCode::BAD_REQUEST, "x".repeat(1_000_000))
+    }
+    let app = Router::new()
+        .route("/ok", post(ok))
+        .route("/fail", post(fail))
+        .route("/limited", post(limited))
+        .route("/gone", post(gone))
+        .route("/redirect", post(redirect))
+        .route("/hang", post(hang))
+        .route("/big", post(big))
+        .with_state(rec.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (addr, rec)
+}
+
+fn webhook_settings(allow_private: bool) -> WebhookSettings {
+    let mut s = Settings::load_with_env(None, Vec::new()).unwrap().webhook;
+    s.signing_secret = SecretString::from(SECRET);
+    s.allow_private_targets = allow_private;
+    s.timeout_ms = 500;
+    s.max_response_bytes = 1024;
+    s
+}
+
+fn webhook_notification(id: &str, url: &str) -> Notification {
+    let recipient = Recipient {
+        url: Some(WebhookUrl::parse(url).unwrap()),
+        ..Default::default()
+    };
+    let meta = Meta {
+        headers: [("X-Tenant-Route".to_string(), "blue".to_string())].into(),
+        ..Default::default()
+    };
+    notification(id, Channel::Webhook, recipient, meta)
+}
+
+#[tokio::test]
+async fn webhook_posts_signed_json() {
+    let (addr, rec) = hook_server().await;
+    let adapter = WebhookAdapter::new(&webhook_settings(true)).unwrap();
+    let n = webhook_notification("req-1:3", &format!("http://{addr}/ok"));
+    let receipt = adapter.send(&n, &content()).await.unwrap();
+    assert_eq!(receipt.provider, "webhook");
+    assert_eq!(receipt.provider_message_id.as_deref(), Some("req-1:3"));
+
+    let reqs = rec.requests.lock().unwrap().clone();
+    assert_eq!(reqs.len(), 1);
+    let (_, headers, body) = &reqs[0];
+    assert!(
+        webhook::verify(SECRET, headers, body),
+        "signature must verify"
+    );
+    assert!(!webhook::verify("whsec_AAAAAAAA", headers, body));
+    let h = |n: &str| headers.get(n).unwrap().to_str().unwrap().to_string();
+    assert_eq!(h("content-type"), "application/json");
+    assert_eq!(
+        h("user-agent"),
+        format!("herald/{}", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(h("webhook-id"), "req-1:3");
+    assert!(h("webhook-signature").starts_with("v1,"));
+    assert_eq!(h("x-tenant-route"), "blue");
+    let ts: i64 = h("webhook-timestamp").parse().unwrap();
+    assert!((chrono::Utc::now().timestamp() - ts).abs() < 10);
+
+    let json: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(json["notification_id"], "req-1:3");
+    assert_eq!(json["request_id"], "req-1");
+    assert_eq!(json["tenant_id"], "acme");
+    assert_eq!(json["channel"], "webhook");
+    assert_eq!(json["subject"], "Your order shipped");
+    assert_eq!(json["text"], "Plain text part");
+    assert_eq!(json["html"], "<p>HTML part</p>");
+    assert_eq!(json["data"], serde_json::json!({"order": 42}));
+    assert_eq!(json["correlation_id"], "corr-9");
+    assert!(chrono::DateTime::parse_from_rfc3339(json["occurred_at"].as_str().unwrap()).is_ok());
+}
+
+#[tokio::test]
+async fn webhook_omits_null_fields() {
+    let (addr, rec) = hook_server().await;
+    let adapter = WebhookAdapter::new(&webhook_settings(true)).unwrap();
+    let mut n = webhook_notification("req-2", &format!("http://{addr}/ok"));
+    n.tenant_id = None;
+    n.correlation_id = None;
+    let c = RenderedContent {
+        data: serde_json::json!({"k": 1}),
+        ..Default::default()
+    };
+    adapter.send(&n, &c).await.unwrap();
+    let body = rec.requests.lock().unwrap()[0].2.clone();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
+    for absent in ["tenant_id", "subject", "text", "html", "correlation_id"] {
+        assert!(!keys.iter().any(|k| *k == absent), "{absent} in {json}");
+    }
+}
+
+#[tokio::test]
+async fn webhook_status_classification() {
+    let (addr, rec) = hook_server().await;
+    let adapter = WebhookAdapter::new(&webhook_settings(true)).unwrap();
+    let send = |path: &str| {
+        let n = webhook_notification("req-3", &format!("http://{addr}{path}"));
+        let adapter = &adapter;
+        async move { adapter.send(&n, &content()).await.unwrap_err() }
+    };
+
+    let e = send("/fail").await;
+    assert_code(&e, "http_status", true);
+    assert!(e.message().starts_with("HTTP 503"), "{e:?}");
+    assert!(e.message().contains("down for maintenance"), "{e:?}");
+
+    let e = send("/limited").await;
+    assert!(matches!(e, SendError::RateLimited { .. }), "{e:?}");
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(7)));
+
+    assert_code(&send("/gone").await, "http_status", false);
+
+    let e = send("/redirect").await;
+    assert_code(&e, "http_redirect", false);
+    assert!(
+        !rec.paths().contains(&"/ok".to_string()),
+        "redirect was followed"
+    );
+
+    let e = send("/big").await;
+    assert_code(&e, "http_status", false);
+    assert!(
+        e.message().len() < 400,
+        "body not bounded: {}",
+        e.message().len()
+    );
+
+    let started = Instant::now();
+    let e = send("/hang").await;
+    assert_code(&e, "http_timeout", true);
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn webhook_connection_refused_is_retryable() {
+    let adapter = WebhookAdapter::new(&webhook_settings(true)).unwrap();
+    let n = webhook_notification("req-4", &format!("http://127.0.0.1:{}/ok", free_port()));
+    assert_code(
+        &adapter.send(&n, &content()).await.unwrap_err(),
+        "http_connect",
+        true,
+    );
+}
+
+#[tokio::test]
+async fn webhook_refuses_private_targets() {
+    let (addr, rec) = hook_server().await;
+    let adapter = WebhookAdapter::new(&webhook_settings(false)).unwrap();
+    let port = addr.port();
+    for url in [
+        format!("http://127.0.0.1:{port}/ok"),
+        format!("http://localhost:{port}/ok"),
+        format!("http://[::1]:{port}/ok"),
+        format!("http://2130706433:{port}/ok"),
+        "http://169.254.169.254/latest/meta-data".to_string(),
+    ] {
+        let n = webhook_notification("req-5", &url);
+        let e = adapter.send(&n, &content()).await.unwrap_err();
+        assert_code(&e, "address_not_allowed", false);
+    }
+    assert!(rec.paths().is_empty(), "a refused target was called");
+}
+
+#[tokio::test]
+async fn webhook_refuses_header_injection() {
+    let (addr, rec) = hook_server().await;
+    let adapter = WebhookAdapter::new(&webhook_settings(true)).unwrap();
+    let mut n = webhook_notification("req-6", &format!("http://{addr}/ok"));
+    n.meta
+        .headers
+        .insert("X-Evil".into(), "a\r\nX-Injected: 1".into());
+    assert_code(
+        &adapter.send(&n, &content()).await.unwrap_err(),
+        "invalid_header",
+        false,
+    );
+    assert!(rec.paths().is_empty());
+}
+
+#[tokio::test]
+async fn smtp_auth_when_credentials_set() {
+    // smtp-sink announces AUTH and accepts any credentials.
+    let sink = SmtpSink::start(&[]);
+    let mut settings = sink.settings(1);
+    settings.username = Some("herald".into());
+    settings.password = Some(SecretString::from("s3cret-pw"));
+    let adapter = SmtpAdapter::new(&settings).unwrap();
+    assert!(!format!("{adapter:?}").contains("s3cret-pw"));
+    adapter.check().await.unwrap();
+    let n = email_notification("req-11", "x@example.com", Meta::default());
+    adapter.send(&n, &content()).await.unwrap();
+    sink.wait_for_dumps(1).await;
+}
