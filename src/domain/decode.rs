@@ -681,3 +681,690 @@ impl WireMeta {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    const MAX: usize = 1024 * 1024;
+
+    fn decode(v: &Value) -> Result<NotificationRequest, DecodeError> {
+        decode_request(&serde_json::to_vec(v).unwrap(), MAX)
+    }
+
+    fn code(v: &Value) -> DecodeErrorCode {
+        match decode(v) {
+            Ok(r) => panic!("accepted: {r:?}"),
+            Err(e) => e.code,
+        }
+    }
+
+    fn email_request() -> Value {
+        json!({
+            "id": "req-1",
+            "tenant_id": "acme",
+            "channel": "email",
+            "recipient": {"email": "ada@example.com"},
+            "content": {"subject": "Hi", "text": "Hello"},
+            "correlation_id": "trace-1"
+        })
+    }
+
+    fn with(mut v: Value, pointer: &str, value: Value) -> Value {
+        let (parent, key) = pointer.rsplit_once('/').unwrap();
+        let target = if parent.is_empty() {
+            &mut v
+        } else {
+            v.pointer_mut(parent).unwrap()
+        };
+        target
+            .as_object_mut()
+            .unwrap()
+            .insert(key.to_string(), value);
+        v
+    }
+
+    fn without(mut v: Value, key: &str) -> Value {
+        v.as_object_mut().unwrap().remove(key);
+        v
+    }
+
+    // ---- happy paths -----------------------------------------------------
+
+    #[test]
+    fn single_inline_email_with_defaults() {
+        let r = decode(&email_request()).unwrap();
+        assert_eq!(r.id, "req-1");
+        assert_eq!(r.tenant_id.as_deref(), Some("acme"));
+        assert_eq!(r.channel, Channel::Email);
+        assert_eq!(r.priority, Priority::Normal);
+        assert!(!r.is_batch);
+        assert_eq!(r.recipients.len(), 1);
+        assert_eq!(
+            r.recipients[0].email.as_ref().map(EmailAddress::as_str),
+            Some("ada@example.com")
+        );
+        assert_eq!(
+            r.content,
+            Content::Inline(InlineContent {
+                subject: Some("Hi".into()),
+                text: Some("Hello".into()),
+                html: None,
+            })
+        );
+        assert_eq!(r.meta, Meta::default());
+        assert_eq!(r.scheduled_at, None);
+        let ns = r.into_notifications();
+        assert_eq!(ns.len(), 1);
+        assert_eq!(ns[0].id, "req-1");
+        assert_eq!(ns[0].request_id, "req-1");
+        assert_eq!(ns[0].correlation_id.as_deref(), Some("trace-1"));
+    }
+
+    #[test]
+    fn template_with_defaults_and_timestamps() {
+        let v = json!({
+            "id": "t-1",
+            "channel": "in_app",
+            "recipient": {"user_id": "user-42", "locale": "pt-BR", "timezone": "America/Sao_Paulo"},
+            "template": {"key": "welcome"},
+            "priority": "urgent",
+            "scheduled_at": "2030-01-01T10:00:00+01:00",
+            "expires_at": "2030-01-01T09:00:00Z"
+        });
+        let r = decode(&v).unwrap();
+        assert_eq!(
+            r.content,
+            Content::Template(TemplateRef {
+                key: "welcome".into(),
+                locale: None,
+                data: Map::new(),
+            })
+        );
+        assert_eq!(r.priority, Priority::Urgent);
+        let nine = DateTime::parse_from_rfc3339("2030-01-01T09:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        // Equal instants are allowed; the offset is normalised to UTC.
+        assert_eq!(r.scheduled_at, Some(nine));
+        assert_eq!(r.expires_at, Some(nine));
+        assert_eq!(
+            r.recipients[0].timezone.as_deref(),
+            Some("America/Sao_Paulo")
+        );
+    }
+
+    #[test]
+    fn template_data_is_kept() {
+        let v = json!({
+            "id": "t-2", "channel": "webhook",
+            "recipient": {"url": "https://hooks.example.com/x"},
+            "template": {"key": "invoice.paid", "locale": "en", "data": {"n": 1, "deep": {"a": [1, 2]}}}
+        });
+        let Content::Template(t) = decode(&v).unwrap().content else {
+            panic!("not a template")
+        };
+        assert_eq!(t.locale.as_deref(), Some("en"));
+        assert_eq!(
+            Value::Object(t.data),
+            json!({"n": 1, "deep": {"a": [1, 2]}})
+        );
+    }
+
+    #[test]
+    fn batch_derives_notification_ids() {
+        let v = json!({
+            "id": "news-1", "channel": "email",
+            "recipients": [{"email": "a@example.com"}, {"email": "b@example.com"}, {"email": "c@example.com"}],
+            "template": {"key": "newsletter"}
+        });
+        let r = decode(&v).unwrap();
+        assert!(r.is_batch);
+        let ns = r.into_notifications();
+        let ids: Vec<&str> = ns.iter().map(|n| n.id.as_str()).collect();
+        assert_eq!(ids, ["news-1:0", "news-1:1", "news-1:2"]);
+        assert!(ns.iter().all(|n| n.request_id == "news-1"));
+        assert_eq!(
+            ns[2].recipient.email.as_ref().map(EmailAddress::as_str),
+            Some("c@example.com")
+        );
+    }
+
+    #[test]
+    fn batch_of_one_still_uses_derived_ids() {
+        let v = json!({
+            "id": "b", "channel": "sms",
+            "recipients": [{"phone": "+14155550123"}],
+            "content": {"text": "x"}
+        });
+        assert_eq!(decode(&v).unwrap().into_notifications()[0].id, "b:0");
+    }
+
+    #[test]
+    fn every_channel_with_its_address() {
+        for (channel, recipient) in [
+            ("email", json!({"email": "a@example.com"})),
+            ("sms", json!({"phone": "+4915112345678"})),
+            ("push", json!({"device_tokens": ["tok"]})),
+            ("webhook", json!({"url": "http://127.0.0.1:9000/hook"})),
+            ("in_app", json!({"user_id": "u1"})),
+        ] {
+            let v = json!({"id": "x", "channel": channel, "recipient": recipient, "content": {"text": "t"}});
+            let r = decode(&v).unwrap_or_else(|e| panic!("{channel}: {e}"));
+            assert_eq!(r.channel.as_str(), channel);
+        }
+    }
+
+    #[test]
+    fn meta_is_parsed() {
+        let v = with(
+            email_request(),
+            "/meta",
+            json!({
+                "from": "shop@example.com",
+                "reply_to": "help@example.com",
+                "cc": ["c@example.com"],
+                "bcc": ["d@example.com", "e@example.com"],
+                "headers": {"X-Campaign": "spring", "List-Unsubscribe": "<https://x.example/u>"}
+            }),
+        );
+        let m = decode(&v).unwrap().meta;
+        assert_eq!(m.from.unwrap().as_str(), "shop@example.com");
+        assert_eq!(m.reply_to.unwrap().as_str(), "help@example.com");
+        assert_eq!(m.cc.len(), 1);
+        assert_eq!(m.bcc.len(), 2);
+        assert_eq!(m.headers["X-Campaign"], "spring");
+    }
+
+    #[test]
+    fn cloudevent_data_is_the_request() {
+        let ce = json!({
+            "specversion": "1.0", "type": "dev.herald.notification.requested",
+            "source": "/shop", "id": "ce-1", "datacontenttype": "application/json",
+            "data": without(email_request(), "id")
+        });
+        let r = decode(&ce).unwrap();
+        assert_eq!(
+            r.id, "ce-1",
+            "the event id stands in for a missing request id"
+        );
+        assert_eq!(r.tenant_id.as_deref(), Some("acme"));
+
+        let ce = with(ce, "/data/id", json!("own-id"));
+        assert_eq!(decode(&ce).unwrap().id, "own-id", "data's own id wins");
+    }
+
+    #[test]
+    fn cloudevent_envelope_errors() {
+        let ce = json!({"specversion": "1.0", "id": "ce-2", "type": "t", "source": "/s"});
+        let e = decode(&ce).unwrap_err();
+        assert_eq!(e.code, DecodeErrorCode::SchemaViolation);
+        assert_eq!(e.request_id.as_deref(), Some("ce-2"));
+
+        let bad = [
+            with(ce.clone(), "/data", json!("not an object")),
+            with(ce.clone(), "/data_base64", json!("e30=")),
+            with(
+                with(ce.clone(), "/specversion", json!("0.3")),
+                "/data",
+                email_request(),
+            ),
+        ];
+        for v in bad {
+            assert_eq!(code(&v), DecodeErrorCode::SchemaViolation, "{v}");
+        }
+        // An invalid request inside a valid envelope is judged like any other.
+        let ce = with(
+            ce,
+            "/data",
+            with(email_request(), "/recipient", json!({"email": "nope"})),
+        );
+        let e = decode(&ce).unwrap_err();
+        assert_eq!(e.code, DecodeErrorCode::InvalidAddress);
+        assert_eq!(e.request_id.as_deref(), Some("req-1"));
+    }
+
+    // ---- error codes -----------------------------------------------------
+
+    #[test]
+    fn too_large() {
+        let bytes = serde_json::to_vec(&email_request()).unwrap();
+        let e = decode_request(&bytes, bytes.len() - 1).unwrap_err();
+        assert_eq!(e.code, DecodeErrorCode::TooLarge);
+        assert!(decode_request(&bytes, bytes.len()).is_ok());
+    }
+
+    #[test]
+    fn ten_megabyte_body_is_too_large() {
+        let mut big = br#"{"id":"x","channel":"email","recipient":{"email":"a@example.com"},"content":{"text":""#.to_vec();
+        big.resize(10 * 1024 * 1024, b'a');
+        big.extend_from_slice(br#""}}"#);
+        let e = decode_request(&big, MAX).unwrap_err();
+        assert_eq!(e.code, DecodeErrorCode::TooLarge);
+        // With a limit that admits it, the schema's 512 KiB text limit applies.
+        let e = decode_request(&big, usize::MAX).unwrap_err();
+        assert_eq!(e.code, DecodeErrorCode::SchemaViolation, "{e}");
+        assert_eq!(e.request_id.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn deep_nesting_is_invalid_json_not_a_stack_overflow() {
+        for (open, close) in [("[", "]"), ("{\"a\":", "}")] {
+            let depth = 10_000;
+            let s = format!("{}1{}", open.repeat(depth), close.repeat(depth));
+            let e = decode_request(s.as_bytes(), usize::MAX).unwrap_err();
+            assert_eq!(e.code, DecodeErrorCode::InvalidJson, "{e}");
+        }
+        // Deep nesting inside template data, within the parser's limit, is fine.
+        let mut data = json!(1);
+        for _ in 0..100 {
+            data = json!({ "a": data });
+        }
+        let v = json!({"id": "x", "channel": "in_app", "recipient": {"user_id": "u"},
+                       "template": {"key": "k", "data": {"d": data}}});
+        assert!(decode(&v).is_ok());
+    }
+
+    #[test]
+    fn invalid_json() {
+        for bytes in [
+            &b""[..],
+            b"not json",
+            b"{\"id\": ",
+            b"\xff\xfe{}",
+            b"{\"id\": \"\xc3\x28\"}",
+            b"{} {}",
+        ] {
+            let e = decode_request(bytes, MAX).unwrap_err();
+            assert_eq!(e.code, DecodeErrorCode::InvalidJson, "{bytes:?}");
+            assert_eq!(e.request_id, None);
+        }
+    }
+
+    #[test]
+    fn schema_violation_carries_the_ids() {
+        let v = with(email_request(), "/priority", json!("HIGH"));
+        let e = decode(&v).unwrap_err();
+        assert_eq!(e.code, DecodeErrorCode::SchemaViolation);
+        assert!(e.message.contains("/priority"), "{e}");
+        assert_eq!(e.request_id.as_deref(), Some("req-1"));
+        assert_eq!(e.tenant_id.as_deref(), Some("acme"));
+        assert_eq!(e.correlation_id.as_deref(), Some("trace-1"));
+    }
+
+    #[test]
+    fn invalid_ids_are_not_carried() {
+        let v = with(email_request(), "/id", json!("x".repeat(201)));
+        let e = decode(&v).unwrap_err();
+        assert_eq!(e.code, DecodeErrorCode::SchemaViolation);
+        assert_eq!(e.request_id, None);
+        assert_eq!(e.tenant_id.as_deref(), Some("acme"));
+        let v = with(email_request(), "/id", json!("a\nb"));
+        assert_eq!(decode(&v).unwrap_err().request_id, None);
+        let v = with(email_request(), "/id", json!(42));
+        assert_eq!(decode(&v).unwrap_err().request_id, None);
+    }
+
+    #[test]
+    fn schema_violations() {
+        let base = email_request();
+        let cases = [
+            json!([]),
+            json!("a string"),
+            json!(null),
+            without(base.clone(), "id"),
+            without(base.clone(), "channel"),
+            with(base.clone(), "/id", json!("")),
+            with(base.clone(), "/channel", json!("Email")),
+            with(base.clone(), "/extra", json!(1)),
+            with(base.clone(), "/recipient", json!({})),
+            with(base.clone(), "/recipient/email", json!(["a@example.com"])),
+            with(base.clone(), "/recipient/locale", json!("../../x")),
+            with(
+                base.clone(),
+                "/recipients",
+                json!([{"email": "b@example.com"}]),
+            ),
+            without(base.clone(), "recipient"),
+            with(base.clone(), "/template", json!({"key": "k"})),
+            without(base.clone(), "content"),
+            with(base.clone(), "/content", json!({"body": "x"})),
+            with(base.clone(), "/content/subject", json!("s".repeat(999))),
+            with(base.clone(), "/scheduled_at", json!("2030-01-01 09:00")),
+            with(base.clone(), "/meta", json!({"headers": {"X-A": 1}})),
+            with(base.clone(), "/meta", json!({"cc": "a@example.com"})),
+            with(base.clone(), "/category", json!("")),
+        ];
+        for v in cases {
+            assert_eq!(code(&v), DecodeErrorCode::SchemaViolation, "{v}");
+        }
+        let batch = json!({"id": "x", "channel": "email", "content": {"text": "t"},
+                           "recipients": vec![json!({"email": "a@example.com"}); 1001]});
+        assert_eq!(code(&batch), DecodeErrorCode::SchemaViolation);
+    }
+
+    #[test]
+    fn schema_messages_are_bounded_and_clean() {
+        let v = with(
+            email_request(),
+            &format!("/{}\u{7}", "k".repeat(5000)),
+            json!(1),
+        );
+        let e = decode(&v).unwrap_err();
+        assert_eq!(e.code, DecodeErrorCode::SchemaViolation);
+        assert!(e.message.chars().count() <= MAX_MESSAGE_CHARS + 1);
+        assert!(!e.message.chars().any(char::is_control));
+    }
+
+    #[test]
+    fn addresses_are_not_echoed() {
+        let v = with(
+            email_request(),
+            "/recipient/email",
+            json!("secret-person-at-example.com"),
+        );
+        let e = decode(&v).unwrap_err();
+        assert_eq!(e.code, DecodeErrorCode::InvalidAddress);
+        assert!(!e.message.contains("secret"), "{e}");
+        assert!(!e.to_string().contains("secret"));
+        // Nor are schema-invalid values.
+        let v = with(
+            email_request(),
+            "/recipient/email",
+            json!("secret".repeat(100)),
+        );
+        let e = decode(&v).unwrap_err();
+        assert!(!e.message.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn invalid_addresses_name_the_field() {
+        let base = email_request();
+        let batch = json!({"id": "x", "channel": "email", "content": {"text": "t"},
+                           "recipients": [{"email": "a@example.com"}, {"email": "b@example.com"}, {"email": "bad@"}]});
+        let cases = [
+            (
+                with(base.clone(), "/recipient/email", json!("no-at-sign")),
+                "recipient.email: invalid email address",
+            ),
+            (
+                with(base.clone(), "/recipient/phone", json!("0049")),
+                "recipient.phone: invalid phone number",
+            ),
+            (
+                with(base.clone(), "/recipient/url", json!("ftp://x.example")),
+                "recipient.url: invalid url",
+            ),
+            (
+                with(base.clone(), "/meta", json!({"from": "x"})),
+                "meta.from: invalid email address",
+            ),
+            (
+                with(base.clone(), "/meta", json!({"reply_to": "x@"})),
+                "meta.reply_to: invalid email address",
+            ),
+            (
+                with(
+                    base.clone(),
+                    "/meta",
+                    json!({"cc": ["a@example.com", "b c@x.com"]}),
+                ),
+                "meta.cc[1]: invalid email address",
+            ),
+            (
+                with(base.clone(), "/meta", json!({"bcc": ["@x.com"]})),
+                "meta.bcc[0]: invalid email address",
+            ),
+            (batch, "recipients[2].email: invalid email address"),
+        ];
+        for (v, prefix) in cases {
+            let e = decode(&v).unwrap_err();
+            assert_eq!(e.code, DecodeErrorCode::InvalidAddress, "{v}");
+            assert!(e.message.starts_with(prefix), "{e} vs {prefix}");
+            assert_eq!(e.request_id.as_deref(), Some(v["id"].as_str().unwrap()));
+        }
+    }
+
+    #[test]
+    fn missing_address_per_channel() {
+        for (channel, recipient, field) in [
+            (
+                "email",
+                json!({"user_id": "u", "phone": "+14155550123"}),
+                "recipient.email",
+            ),
+            (
+                "sms",
+                json!({"user_id": "u", "email": "a@example.com"}),
+                "recipient.phone",
+            ),
+            ("webhook", json!({"user_id": "u"}), "recipient.url"),
+            ("push", json!({"user_id": "u"}), "recipient.device_tokens"),
+            (
+                "push",
+                json!({"user_id": "u", "device_tokens": []}),
+                "recipient.device_tokens",
+            ),
+            (
+                "in_app",
+                json!({"email": "a@example.com"}),
+                "recipient.user_id",
+            ),
+        ] {
+            let v = json!({"id": "x", "channel": channel, "recipient": recipient, "content": {"text": "t"}});
+            let e = decode(&v).unwrap_err();
+            assert_eq!(e.code, DecodeErrorCode::MissingAddress, "{channel}: {e}");
+            assert!(e.message.starts_with(field), "{e}");
+        }
+        let batch = json!({"id": "x", "channel": "email", "content": {"text": "t"},
+                           "recipients": [{"email": "a@example.com"}, {"user_id": "u"}]});
+        let e = decode(&batch).unwrap_err();
+        assert_eq!(e.code, DecodeErrorCode::MissingAddress);
+        assert!(e.message.starts_with("recipients[1].email"), "{e}");
+    }
+
+    #[test]
+    fn invalid_fields() {
+        let base = email_request();
+        let header = |name: &str, value: &str| {
+            with(base.clone(), "/meta", json!({"headers": {name: value}}))
+        };
+        let cases = [
+            with(
+                base.clone(),
+                "/content/subject",
+                json!("a\r\nBcc: x@example.com"),
+            ),
+            with(base.clone(), "/content/subject", json!("a\nb")),
+            header("X Space", "v"),
+            header("X:Colon", "v"),
+            header("X-Ünicode", "v"),
+            header("X-A", "a\r\nBcc: x@example.com"),
+            header("X-A", "a\rb"),
+            header("X-A", "a\u{0}b"),
+            header("Subject", "v"),
+            header("bcc", "v"),
+            header("REPLY-TO", "v"),
+            header("Message-Id", "v"),
+            header("MIME-Version", "v"),
+            header("Content-Type", "v"),
+            header("content-transfer-encoding", "v"),
+            header("Webhook-Signature", "v"),
+            with(base.clone(), "/content/text", json!("nul \u{0} here")),
+            with(
+                without(base.clone(), "content"),
+                "/template",
+                json!({"key": "k", "data": {"a": ["ok", "n\u{0}"]}}),
+            ),
+            with(
+                with(base.clone(), "/scheduled_at", json!("2030-01-01T09:00:00Z")),
+                "/expires_at",
+                json!("2030-01-01T08:59:59Z"),
+            ),
+        ];
+        for v in cases {
+            let e = decode(&v).unwrap_err();
+            assert_eq!(e.code, DecodeErrorCode::InvalidField, "{v}: {e}");
+            assert_eq!(e.request_id.as_deref(), Some("req-1"));
+            assert!(!e.message.chars().any(char::is_control), "{e}");
+        }
+        // A tab inside a header value is fine (folding whitespace).
+        assert!(decode(&header("X-A", "a\tb")).is_ok());
+    }
+
+    #[test]
+    fn nul_path_is_reported() {
+        let v = json!({"id": "x", "channel": "in_app", "recipient": {"user_id": "u"},
+                       "template": {"key": "k", "data": {"a/b": [0, "\u{0}"]}}});
+        let e = decode(&v).unwrap_err();
+        assert_eq!(
+            e.message,
+            "/template/data/a~1b/1: contains the character U+0000"
+        );
+    }
+
+    #[test]
+    fn error_codes_are_snake_case_and_distinct() {
+        let all = [
+            DecodeErrorCode::TooLarge,
+            DecodeErrorCode::InvalidJson,
+            DecodeErrorCode::SchemaViolation,
+            DecodeErrorCode::InvalidAddress,
+            DecodeErrorCode::MissingAddress,
+            DecodeErrorCode::InvalidField,
+        ];
+        let names: std::collections::BTreeSet<&str> = all.iter().map(|c| c.as_str()).collect();
+        assert_eq!(names.len(), all.len());
+        assert!(
+            names
+                .iter()
+                .all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        );
+    }
+
+    #[test]
+    fn rejected_event() {
+        let e = decode(&with(email_request(), "/channel", json!("fax"))).unwrap_err();
+        let ev = e.to_rejected_event();
+        assert_eq!(ev.status, Status::Rejected);
+        assert_eq!(ev.notification_id.as_deref(), Some("req-1"));
+        assert_eq!(ev.request_id.as_deref(), Some("req-1"));
+        assert_eq!(ev.tenant_id.as_deref(), Some("acme"));
+        assert_eq!(ev.correlation_id.as_deref(), Some("trace-1"));
+        let err = ev.error.clone().unwrap();
+        assert_eq!(err.code, "schema_violation");
+        assert!(!err.retryable);
+        validate_delivery_status(&serde_json::to_value(&ev).unwrap()).unwrap();
+
+        let ev = decode_request(b"nope", MAX)
+            .unwrap_err()
+            .to_rejected_event();
+        assert_eq!(ev.notification_id, None);
+        validate_delivery_status(&serde_json::to_value(&ev).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn schemas_compile() {
+        check_schemas().unwrap();
+    }
+
+    // ---- never panics ------------------------------------------------------
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            ".{0,20}".prop_map(Value::from),
+            prop::sample::select(vec![
+                "email",
+                "sms",
+                "push",
+                "webhook",
+                "in_app",
+                "a@example.com",
+                "+14155550123",
+                "https://x.example/h",
+                "2030-01-01T00:00:00Z",
+                "\u{0}",
+                "\r\n",
+            ])
+            .prop_map(Value::from),
+        ];
+        leaf.prop_recursive(6, 64, 8, |inner| {
+            let keys = prop::sample::select(vec![
+                "id",
+                "tenant_id",
+                "channel",
+                "recipient",
+                "recipients",
+                "email",
+                "phone",
+                "url",
+                "user_id",
+                "device_tokens",
+                "template",
+                "key",
+                "data",
+                "content",
+                "subject",
+                "text",
+                "meta",
+                "headers",
+                "cc",
+                "from",
+                "priority",
+                "scheduled_at",
+                "expires_at",
+                "specversion",
+                "x",
+            ]);
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(keys, inner, 0..8).prop_map(|m| Value::Object(
+                    m.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+                )),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_bytes(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = decode_request(&bytes, MAX);
+            let _ = decode_request(&bytes, 16);
+        }
+
+        #[test]
+        fn never_panics_on_json_ish_text(s in r#"[\[\]{}":,0-9a-z_\\@+./ -]{0,300}"#) {
+            let _ = decode_request(s.as_bytes(), MAX);
+        }
+
+        #[test]
+        fn never_panics_on_json_values(v in arb_json()) {
+            let _ = decode(&v);
+            let _ = decode(&json!({"specversion": "1.0", "id": "e", "data": v.clone()}));
+        }
+
+        #[test]
+        fn never_panics_on_mutated_requests(
+            pointer in prop::sample::select(vec![
+                "/id", "/channel", "/recipient", "/recipient/email", "/recipient/phone",
+                "/recipient/url", "/recipient/device_tokens", "/content", "/content/subject",
+                "/meta", "/priority", "/scheduled_at", "/expires_at", "/template",
+            ]),
+            value in arb_json(),
+        ) {
+            let v = with(email_request(), pointer, value);
+            if let Err(e) = decode(&v) {
+                prop_assert!(e.message.chars().count() <= MAX_MESSAGE_CHARS + 1);
+                let ev = serde_json::to_value(e.to_rejected_event()).unwrap();
+                prop_assert!(validate_delivery_status(&ev).is_ok());
+            }
+        }
+    }
+}
