@@ -9,7 +9,9 @@ pub mod outcome;
 pub mod recipient;
 pub mod request;
 
-pub use decode::{DecodeError, DecodeErrorCode, decode_request};
+pub use decode::{
+    DecodeError, DecodeErrorCode, check_schemas, decode_request, validate_delivery_status,
+};
 pub use outcome::{DeliveryStatusEvent, ErrorInfo, Status};
 pub use recipient::{EmailAddress, PhoneNumber, Recipient, WebhookUrl};
 pub use request::{

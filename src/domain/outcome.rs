@@ -23,9 +23,35 @@ pub enum Status {
     Retrying,
     Expired,
     Bounced,
+    /// Cancelled before it was sent (final).
+    Cancelled,
 }
 
 impl Status {
+    /// Every status, internal ones included, in lifecycle order.
+    pub const ALL: [Status; 14] = [
+        Status::Accepted,
+        Status::Scheduled,
+        Status::Deferred,
+        Status::Throttled,
+        Status::Retrying,
+        Status::Sending,
+        Status::Sent,
+        Status::Delivered,
+        Status::Failed,
+        Status::Rejected,
+        Status::Suppressed,
+        Status::Expired,
+        Status::Bounced,
+        Status::Cancelled,
+    ];
+
+    /// False for the internal `accepted` and `sending`, which are stored but
+    /// never published as outcome events.
+    pub fn is_published(&self) -> bool {
+        !matches!(self, Status::Accepted | Status::Sending)
+    }
+
     /// The wire and database spelling.
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -42,6 +68,7 @@ impl Status {
             Status::Retrying => "retrying",
             Status::Expired => "expired",
             Status::Bounced => "bounced",
+            Status::Cancelled => "cancelled",
         }
     }
 
@@ -61,6 +88,7 @@ impl Status {
             "retrying" => Status::Retrying,
             "expired" => Status::Expired,
             "bounced" => Status::Bounced,
+            "cancelled" => Status::Cancelled,
             _ => return None,
         })
     }
@@ -77,6 +105,7 @@ impl Status {
                 | Status::Suppressed
                 | Status::Expired
                 | Status::Bounced
+                | Status::Cancelled
         )
     }
 }

@@ -24,27 +24,33 @@ pub struct WebhookUrl(String);
 pub struct AddressError(pub String);
 
 impl EmailAddress {
+    /// Parses an email address; the error says why it is not one (without echoing it).
     pub fn parse(s: &str) -> Result<Self, AddressError> {
         recipient_impl::parse_email(s).map(EmailAddress)
     }
+    /// The value as given.
     pub fn as_str(&self) -> &str {
         &self.0
     }
 }
 
 impl PhoneNumber {
+    /// Parses an E.164 phone number; the error says why it is not one (without echoing it).
     pub fn parse(s: &str) -> Result<Self, AddressError> {
         recipient_impl::parse_phone(s).map(PhoneNumber)
     }
+    /// The value as given.
     pub fn as_str(&self) -> &str {
         &self.0
     }
 }
 
 impl WebhookUrl {
+    /// Parses a webhook url; the error says why it is not one (without echoing it).
     pub fn parse(s: &str) -> Result<Self, AddressError> {
         recipient_impl::parse_url(s).map(WebhookUrl)
     }
+    /// The value as given.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -79,13 +85,20 @@ string_newtype_impls!(WebhookUrl);
 /// in_app → `user_id`); the decoder enforces that.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Recipient {
+    /// The producer's user id: preferences, frequency caps, in-app inbox.
     pub user_id: Option<String>,
+    /// Address for the email channel.
     pub email: Option<EmailAddress>,
+    /// Address for the sms channel.
     pub phone: Option<PhoneNumber>,
+    /// Address for the webhook channel.
     pub url: Option<WebhookUrl>,
+    /// Addresses for the push channel (one notification goes to all).
     #[serde(default)]
     pub device_tokens: Vec<String>,
+    /// Preferred locale (`pt-BR`) for template resolution.
     pub locale: Option<String>,
+    /// IANA time zone (`Europe/Berlin`) for quiet hours.
     pub timezone: Option<String>,
 }
 
