@@ -582,12 +582,18 @@ fn new_environment(fuel: u64) -> Environment<'static> {
 /// Entries of `dir` as (file name, path), sorted by name (deterministic errors).
 fn read_dir_sorted(dir: &Path) -> Result<Vec<(String, std::path::PathBuf)>, RenderError> {
     let rd = std::fs::read_dir(dir).map_err(|e| {
-        RenderError::template(format!("cannot read template directory {}: {e}", dir.display()))
+        RenderError::template(format!(
+            "cannot read template directory {}: {e}",
+            dir.display()
+        ))
     })?;
     let mut out = Vec::new();
     for ent in rd {
         let ent = ent.map_err(|e| {
-            RenderError::template(format!("cannot read template directory {}: {e}", dir.display()))
+            RenderError::template(format!(
+                "cannot read template directory {}: {e}",
+                dir.display()
+            ))
         })?;
         let path = ent.path();
         let Some(name) = ent.file_name().to_str().map(str::to_string) else {
@@ -715,12 +721,10 @@ pub fn load_sample(
         )));
     }
     let path = dir.join(key).join("sample.json");
-    let bytes = std::fs::read(&path).map_err(|e| {
-        RenderError::not_found(format!("cannot read {}: {e}", path.display()))
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        RenderError::template(format!("{} is not a JSON object: {e}", path.display()))
-    })
+    let bytes = std::fs::read(&path)
+        .map_err(|e| RenderError::not_found(format!("cannot read {}: {e}", path.display())))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| RenderError::template(format!("{} is not a JSON object: {e}", path.display())))
 }
 
 // ---------------------------------------------------------------- filters
@@ -819,7 +823,9 @@ fn currency_decimals(code: &str) -> usize {
 fn money(amount: Value, currency: String) -> Result<String, minijinja::Error> {
     let code = currency.trim().to_ascii_uppercase();
     if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(filter_error("money: currency must be a 3-letter ISO 4217 code"));
+        return Err(filter_error(
+            "money: currency must be a 3-letter ISO 4217 code",
+        ));
     }
     let n: f64 = if let Some(s) = amount.as_str() {
         s.trim()
@@ -835,3 +841,500 @@ fn money(amount: Value, currency: String) -> Result<String, minijinja::Error> {
     Ok(format!("{n:.decimals$} {code}"))
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{EmailAddress, Meta, Priority, Recipient};
+    use std::path::PathBuf;
+
+    fn settings(dir: PathBuf) -> TemplateSettings {
+        TemplateSettings {
+            dir,
+            default_locale: "en".into(),
+            fuel: 50_000,
+            max_output_bytes: 64 * 1024,
+        }
+    }
+
+    /// Writes `files` (relative path → contents) into a fresh directory.
+    fn tree(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, body) in files {
+            let p = dir.path().join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, body).unwrap();
+        }
+        dir
+    }
+
+    fn renderer(files: &[(&str, &str)]) -> (tempfile::TempDir, FileRenderer) {
+        let dir = tree(files);
+        let r = FileRenderer::new(&settings(dir.path().to_path_buf())).unwrap();
+        (dir, r)
+    }
+
+    fn notification(channel: Channel, content: Content) -> Notification {
+        Notification {
+            id: "n-1".into(),
+            request_id: "r-1".into(),
+            tenant_id: Some("acme".into()),
+            app_id: None,
+            channel,
+            recipient: Recipient {
+                user_id: Some("u-42".into()),
+                email: Some(EmailAddress::parse("ana@example.com").unwrap()),
+                ..Recipient::default()
+            },
+            content,
+            priority: Priority::High,
+            category: Some("account".into()),
+            scheduled_at: None,
+            expires_at: None,
+            meta: Meta::default(),
+            correlation_id: None,
+        }
+    }
+
+    fn inline(subject: Option<&str>, text: Option<&str>, html: Option<&str>) -> Notification {
+        notification(
+            Channel::Webhook,
+            Content::Inline(InlineContent {
+                subject: subject.map(Into::into),
+                text: text.map(Into::into),
+                html: html.map(Into::into),
+            }),
+        )
+    }
+
+    fn by_key(key: &str, locale: Option<&str>, data: serde_json::Value) -> Notification {
+        let serde_json::Value::Object(data) = data else {
+            panic!("data must be an object")
+        };
+        notification(
+            Channel::Email,
+            Content::Template(TemplateRef {
+                key: key.into(),
+                locale: locale.map(Into::into),
+                data,
+            }),
+        )
+    }
+
+    fn err_of(r: Result<RenderedContent, RenderError>) -> RenderError {
+        match r {
+            Ok(c) => panic!("expected an error, got {c:?}"),
+            Err(e) => e,
+        }
+    }
+
+    const GREETING: &[(&str, &str)] = &[
+        ("greet/subject.jinja", "Hello {{ name }}"),
+        ("greet/text.jinja", "en {{ name }}"),
+        ("greet/pt/subject.jinja", "Olá {{ name }}"),
+        ("greet/pt/text.jinja", "pt {{ name }}"),
+        ("greet/pt-BR/text.jinja", "pt-BR {{ name }}"),
+        ("greet/fr/text.jinja", "fr {{ name }}"),
+    ];
+
+    #[test]
+    fn inline_content_renders_with_context() {
+        let (_d, r) = renderer(&[]);
+        let out = r
+            .render(&inline(
+                Some("  Hi {{ recipient.user_id }} ({{ notification.priority }})  "),
+                Some("id={{ notification.id }} tenant={{ notification.tenant_id }} ch={{ notification.channel }}"),
+                None,
+            ))
+            .unwrap();
+        assert_eq!(out.subject.as_deref(), Some("Hi u-42 (high)"));
+        assert_eq!(out.text.as_deref(), Some("id=n-1 tenant=acme ch=webhook"));
+        assert_eq!(out.html, None);
+        assert_eq!(out.data, serde_json::json!({}));
+    }
+
+    #[test]
+    fn template_by_key_with_data_passthrough() {
+        let (_d, r) = renderer(GREETING);
+        let n = by_key("greet", None, serde_json::json!({"name": "Ana"}));
+        let out = r.render(&n).unwrap();
+        assert_eq!(out.subject.as_deref(), Some("Hello Ana"));
+        assert_eq!(out.text.as_deref(), Some("en Ana"));
+        assert_eq!(out.html, None);
+        assert_eq!(out.data, serde_json::json!({"name": "Ana"}));
+        assert_eq!(r.keys().collect::<Vec<_>>(), vec!["greet"]);
+        assert_eq!(
+            r.locales("greet").unwrap(),
+            vec!["fr".to_string(), "pt".into(), "pt-BR".into()]
+        );
+    }
+
+    #[test]
+    fn locale_fallback_chain() {
+        let (_d, r) = renderer(GREETING);
+        let data = serde_json::json!({"name": "Ana"});
+        let text = |n: &Notification| {
+            let mut n = n.clone();
+            n.channel = Channel::Webhook; // pt-BR has no subject: fine for webhook
+            r.render(&n).unwrap().text.unwrap()
+        };
+
+        // Exact, case and separator insensitive.
+        assert_eq!(
+            text(&by_key("greet", Some("pt_br"), data.clone())),
+            "pt-BR Ana"
+        );
+        // pt-PT → pt (region stripped); the pt variant is used as a whole.
+        let out = r
+            .render(&by_key("greet", Some("pt-PT"), data.clone()))
+            .unwrap();
+        assert_eq!(out.text.as_deref(), Some("pt Ana"));
+        assert_eq!(out.subject.as_deref(), Some("Olá Ana"));
+        // A variant without a subject stays without one (no mixing languages).
+        let mut n = by_key("greet", Some("pt-BR"), data.clone());
+        n.channel = Channel::Webhook;
+        assert_eq!(r.render(&n).unwrap().subject, None);
+        // Unknown template locale → recipient locale (fr-CA → fr).
+        let mut n = by_key("greet", Some("de-AT"), data.clone());
+        n.recipient.locale = Some("fr-CA".into());
+        assert_eq!(text(&n), "fr Ana");
+        // Template locale wins over recipient locale.
+        let mut n = by_key("greet", Some("pt"), data.clone());
+        n.recipient.locale = Some("fr".into());
+        assert_eq!(text(&n), "pt Ana");
+        // Nothing matches → default locale "en" (no en dir) → unlocalized files.
+        let mut n = by_key("greet", Some("xx"), data.clone());
+        n.recipient.locale = Some("yy-ZZ".into());
+        assert_eq!(text(&n), "en Ana");
+        // Garbage locale is just a miss, never a path.
+        assert_eq!(text(&by_key("greet", Some("../pt"), data)), "en Ana");
+    }
+
+    #[test]
+    fn default_locale_dir_is_used_before_unlocalized() {
+        let dir = tree(&[
+            ("k/text.jinja", "base"),
+            ("k/en/text.jinja", "en"),
+            ("k/es/text.jinja", "es"),
+        ]);
+        let mut s = settings(dir.path().to_path_buf());
+        s.default_locale = "en-US".into();
+        let r = FileRenderer::new(&s).unwrap();
+        let mut n = by_key("k", Some("de"), serde_json::json!({}));
+        n.channel = Channel::Webhook;
+        assert_eq!(r.render(&n).unwrap().text.as_deref(), Some("en"));
+    }
+
+    #[test]
+    fn strict_undefined_names_the_variable() {
+        let (_d, r) = renderer(&[("k/text.jinja", "line one\nHi {{ user.first_name }}!")]);
+        let mut n = by_key("k", None, serde_json::json!({"user": {}}));
+        n.channel = Channel::Webhook;
+        let e = err_of(r.render(&n));
+        assert_eq!(e.code, RenderErrorCode::TemplateError);
+        assert!(e.message.contains("user.first_name"), "{e}");
+        assert!(e.message.contains("k/text.jinja line 2"), "{e}");
+
+        let e = err_of(r.render(&inline(None, Some("{{ missing_var }}"), None)));
+        assert!(e.message.contains("missing_var"), "{e}");
+        // `default` and `is defined` handle optional data.
+        let out = r
+            .render(&inline(
+                None,
+                Some("{{ x | default('d') }}{% if y is defined %}y{% endif %}"),
+                None,
+            ))
+            .unwrap();
+        assert_eq!(out.text.as_deref(), Some("d"));
+    }
+
+    #[test]
+    fn autoescape_on_for_html_off_for_text_and_subject() {
+        let (_d, r) = renderer(&[
+            ("k/subject.jinja", "S {{ v }}"),
+            ("k/text.jinja", "T {{ v }}"),
+            ("k/html.jinja", "<p>{{ v }}</p>"),
+        ]);
+        let n = by_key(
+            "k",
+            None,
+            serde_json::json!({"v": "<script>alert(1)</script>"}),
+        );
+        let out = r.render(&n).unwrap();
+        assert_eq!(out.subject.as_deref(), Some("S <script>alert(1)</script>"));
+        assert_eq!(out.text.as_deref(), Some("T <script>alert(1)</script>"));
+        let html = out.html.unwrap();
+        assert!(!html.contains("<script>"), "{html}");
+        assert!(html.contains("&lt;script&gt;"), "{html}");
+
+        // Inline html escapes too.
+        let mut n = inline(
+            None,
+            Some("{{ recipient.user_id }}<b>"),
+            Some("<i>{{ '<b>' }}</i>"),
+        );
+        n.channel = Channel::Webhook;
+        let out = r.render(&n).unwrap();
+        assert_eq!(out.html.as_deref(), Some("<i>&lt;b&gt;</i>"));
+        assert_eq!(out.text.as_deref(), Some("u-42<b>"));
+    }
+
+    #[test]
+    fn fuel_stops_huge_loops() {
+        let (_d, r) = renderer(&[]);
+        // range() itself refuses more than 100k items…
+        let e = err_of(r.render(&inline(
+            None,
+            Some("{% for i in range(10**9) %}x{% endfor %}"),
+            None,
+        )));
+        assert_eq!(e.code, RenderErrorCode::TemplateError);
+        // …and fuel stops loops that stay under that limit.
+        let e = err_of(r.render(&inline(
+            None,
+            Some(
+                "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            ),
+            None,
+        )));
+        assert_eq!(e.code, RenderErrorCode::TemplateError);
+        assert!(e.message.contains("fuel"), "{e}");
+    }
+
+    #[test]
+    fn huge_output_is_stopped() {
+        let (_d, r) = renderer(&[]);
+        // One expression producing 10 MB (fuel cannot see it).
+        let e = err_of(r.render(&inline(None, Some("{{ 'x' * 10000000 }}"), None)));
+        assert!(e.message.contains("too large"), "{e}");
+        // Bigger repetitions are refused by minijinja itself.
+        let e = err_of(r.render(&inline(None, Some("{{ 'x' * 10**9 }}"), None)));
+        assert_eq!(e.code, RenderErrorCode::TemplateError);
+        // Many small writes also hit the cap.
+        let e = err_of(r.render(&inline(
+            None,
+            Some("{% for i in range(20000) %}0123456789{% endfor %}"),
+            None,
+        )));
+        assert!(e.message.contains("too large"), "{e}");
+        // Exactly at the limit is fine.
+        let out = r
+            .render(&inline(None, Some("{{ 'x' * 65536 }}"), None))
+            .unwrap();
+        assert_eq!(out.text.map(|t| t.len()), Some(65536));
+    }
+
+    #[test]
+    fn recursion_is_bounded() {
+        let (_d, r) = renderer(&[]);
+        let src = "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}";
+        // A thread with a small stack, like a tokio worker's default 2 MiB.
+        let r2 = r.clone();
+        let e = std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(move || err_of(r2.render(&inline(None, Some(src), None))))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(e.code, RenderErrorCode::TemplateError);
+    }
+
+    #[test]
+    fn subject_is_trimmed_and_single_line() {
+        let (_d, r) = renderer(&[]);
+        let out = r.render(&inline(Some("\n  Hi  \n"), None, None)).unwrap();
+        assert_eq!(out.subject.as_deref(), Some("Hi"));
+        for s in ["a\nb", "a\r\nb", "a{{ '\\r' }}b", "{{ v }}"] {
+            let mut n = inline(Some(s), None, None);
+            if s.contains("{{ v }}") {
+                n = by_key("k", None, serde_json::json!({}));
+                n.content = Content::Inline(InlineContent {
+                    subject: Some("x {{ notification.id }}\r\nBcc: evil@x.com".into()),
+                    ..InlineContent::default()
+                });
+            }
+            let e = err_of(r.render(&n));
+            assert_eq!(e.code, RenderErrorCode::TemplateError);
+            assert_eq!(e.message, "subject contains a line break");
+        }
+    }
+
+    #[test]
+    fn unknown_and_invalid_keys() {
+        let (_d, r) = renderer(GREETING);
+        let e = err_of(r.render(&by_key("nope", None, serde_json::json!({}))));
+        assert_eq!(e.code, RenderErrorCode::TemplateNotFound);
+        assert_eq!(e.code.as_str(), "template_not_found");
+        for bad in [
+            "../greet",
+            "greet/pt",
+            "..",
+            ".hidden",
+            "",
+            "Greet",
+            "a b",
+            "/etc/passwd",
+        ] {
+            let e = err_of(r.render(&by_key(bad, None, serde_json::json!({}))));
+            assert_eq!(e.code, RenderErrorCode::TemplateNotFound, "{bad:?}");
+        }
+        assert!(valid_key("password_reset"));
+        assert!(valid_key("billing.invoice-v2"));
+    }
+
+    #[test]
+    fn herald_context_shadows_data_keys() {
+        let (_d, r) = renderer(&[(
+            "k/text.jinja",
+            "{{ recipient.user_id }} {{ notification.id }} {{ other }}",
+        )]);
+        let mut n = by_key(
+            "k",
+            None,
+            serde_json::json!({"recipient": {"user_id": "fake"}, "notification": {"id": "fake"}, "other": 1}),
+        );
+        n.channel = Channel::Webhook;
+        assert_eq!(r.render(&n).unwrap().text.as_deref(), Some("u-42 n-1 1"));
+    }
+
+    #[test]
+    fn required_fields_per_channel() {
+        let (_d, r) = renderer(&[]);
+        let mut n = inline(None, Some("body"), None);
+        n.channel = Channel::Email;
+        let e = err_of(r.render(&n));
+        assert!(e.message.contains("subject"), "{e}");
+        let mut n = inline(Some("subj"), None, None);
+        n.channel = Channel::Email;
+        assert!(err_of(r.render(&n)).message.contains("text or html"));
+        let mut n = inline(Some("subj"), None, Some("<p>x</p>"));
+        n.channel = Channel::Email;
+        assert!(r.render(&n).is_ok());
+        let mut n = inline(Some("subj"), None, None);
+        n.channel = Channel::Sms;
+        assert!(r.render(&n).is_err());
+        let e = err_of(r.render(&inline(None, None, None)));
+        assert_eq!(e.code, RenderErrorCode::TemplateError);
+    }
+
+    #[test]
+    fn load_errors_name_the_file() {
+        let dir = tree(&[
+            ("ok/text.jinja", "fine"),
+            ("bad/text.jinja", "line\n{% if %}"),
+        ]);
+        let e = FileRenderer::new(&settings(dir.path().to_path_buf())).unwrap_err();
+        assert!(e.message.contains("bad/text.jinja"), "{e}");
+
+        let dir = tree(&[("k/body.jinja", "typo")]);
+        let e = FileRenderer::new(&settings(dir.path().to_path_buf())).unwrap_err();
+        assert!(e.message.contains("body.jinja"), "{e}");
+
+        let dir = tree(&[("k/sample.json", "{}")]);
+        let e = FileRenderer::new(&settings(dir.path().to_path_buf())).unwrap_err();
+        assert!(e.message.contains("no subject.jinja"), "{e}");
+
+        let dir = tree(&[("Bad Key/text.jinja", "x")]);
+        let e = FileRenderer::new(&settings(dir.path().to_path_buf())).unwrap_err();
+        assert!(e.message.contains("not a valid key"), "{e}");
+
+        let e = FileRenderer::new(&settings("/nonexistent/herald-templates".into())).unwrap_err();
+        assert!(e.message.contains("cannot read template directory"), "{e}");
+    }
+
+    #[test]
+    fn partials_can_be_included() {
+        let (_d, r) = renderer(&[
+            ("k/_footer.html.jinja", "<footer>{{ v }}</footer>"),
+            (
+                "k/html.jinja",
+                "<p>x</p>{% include 'k/_footer.html.jinja' %}",
+            ),
+        ]);
+        let mut n = by_key("k", None, serde_json::json!({"v": "<b>"}));
+        n.channel = Channel::Webhook;
+        assert_eq!(
+            r.render(&n).unwrap().html.as_deref(),
+            Some("<p>x</p><footer>&lt;b&gt;</footer>")
+        );
+    }
+
+    #[test]
+    fn datetimeformat_filter() {
+        let (_d, r) = renderer(&[]);
+        let t = |src: &str, tz: Option<&str>| {
+            let mut n = inline(None, Some(src), None);
+            n.recipient.timezone = tz.map(Into::into);
+            r.render(&n).map(|c| c.text.unwrap_or_default())
+        };
+        let ts = "'2026-03-01T10:05:00+01:00'";
+        assert_eq!(
+            t(&format!("{{{{ {ts} | datetimeformat }}}}"), None).unwrap(),
+            "2026-03-01 09:05 +00:00"
+        );
+        assert_eq!(
+            t(
+                &format!("{{{{ {ts} | datetimeformat('%d/%m/%Y %H:%M') }}}}"),
+                Some("+02:00")
+            )
+            .unwrap(),
+            "01/03/2026 11:05"
+        );
+        assert_eq!(
+            t(
+                &format!("{{{{ {ts} | datetimeformat('%H:%M', 'UTC') }}}}"),
+                Some("+02:00")
+            )
+            .unwrap(),
+            "09:05"
+        );
+        // IANA names are not resolved (no tz database): UTC.
+        assert_eq!(
+            t(
+                &format!("{{{{ {ts} | datetimeformat('%H:%M') }}}}"),
+                Some("Europe/Lisbon")
+            )
+            .unwrap(),
+            "09:05"
+        );
+        assert_eq!(t("{{ 0 | datetimeformat('%Y') }}", None).unwrap(), "1970");
+        assert!(t("{{ 'yesterday' | datetimeformat }}", None).is_err());
+        assert!(t(&format!("{{{{ {ts} | datetimeformat('%Q') }}}}"), None).is_err());
+        assert!(
+            t(
+                &format!("{{{{ {ts} | datetimeformat('%H', 'Mars/Base') }}}}"),
+                None
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn money_filter() {
+        let (_d, r) = renderer(&[]);
+        let t = |src: &str| {
+            r.render(&inline(None, Some(src), None))
+                .map(|c| c.text.unwrap_or_default())
+        };
+        assert_eq!(t("{{ 12.5 | money('EUR') }}").unwrap(), "12.50 EUR");
+        assert_eq!(t("{{ 12 | money('usd') }}").unwrap(), "12.00 USD");
+        assert_eq!(t("{{ '1999' | money('JPY') }}").unwrap(), "1999 JPY");
+        assert_eq!(t("{{ 1.5 | money('KWD') }}").unwrap(), "1.500 KWD");
+        assert!(t("{{ 'abc' | money('EUR') }}").is_err());
+        assert!(t("{{ 1 | money('EURO') }}").is_err());
+    }
+
+    #[test]
+    fn error_messages_are_bounded() {
+        let long = "é".repeat(1000);
+        let e = RenderError::template(long);
+        assert!(e.message.len() <= MAX_MESSAGE_BYTES);
+        assert!(e.message.ends_with("..."));
+    }
+
+    #[test]
+    fn renderer_is_shareable() {
+        fn assert_send_sync<T: Send + Sync + Clone + 'static>() {}
+        assert_send_sync::<FileRenderer>();
+        let _: Arc<dyn Renderer> = Arc::new(renderer(&[]).1);
+    }
+}
