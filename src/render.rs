@@ -37,6 +37,11 @@
 //! `templates.max_output_bytes` while it is written. HTML templates
 //! (`html.jinja`, `*.html.jinja`) autoescape; subject and text do not.
 //!
+//! Not bounded: the size of intermediate values. A template can still build
+//! a large string without writing it (`{% set s = 'x' * 10**8 %}` and then
+//! `s ~ s` a few times); only the written output is capped. Template files
+//! are trusted; inline content is as trusted as the producers on the topic.
+//!
 //! Inline content (`content.subject/text/html`) is a template too, compiled per
 //! message and rendered with the same context and limits.
 
@@ -768,7 +773,7 @@ fn filter_error(msg: impl Into<String>) -> minijinja::Error {
 /// `{{ ts | datetimeformat }}`, `{{ ts | datetimeformat("%d/%m/%Y", "+01:00") }}`.
 ///
 /// `value`: an RFC 3339 string or Unix seconds. `fmt`: chrono strftime
-/// (default `%Y-%m-%d %H:%M %Z`). `tz`: `UTC` or a fixed offset (`+02:00`);
+/// (default `%Y-%m-%d %H:%M UTC`, or `… +02:00` with an offset). `tz`: `UTC` or a fixed offset (`+02:00`);
 /// when absent, the recipient's timezone if it is one of those, else UTC
 /// (IANA names such as `Europe/Lisbon` are not resolved: they render in UTC).
 fn datetimeformat(
@@ -799,7 +804,13 @@ fn datetimeformat(
             .and_then(|tz| tz.as_str().and_then(parse_tz))
             .unwrap_or(Utc.fix()),
     };
-    let fmt = fmt.unwrap_or_else(|| "%Y-%m-%d %H:%M %Z".to_string());
+    let fmt = fmt.unwrap_or_else(|| {
+        if offset.local_minus_utc() == 0 {
+            "%Y-%m-%d %H:%M UTC".to_string()
+        } else {
+            "%Y-%m-%d %H:%M %:z".to_string()
+        }
+    });
     let local = utc.with_timezone(&offset);
     let mut out = String::new();
     // An invalid strftime specifier makes `Display` fail; never panic on it.
@@ -1269,7 +1280,11 @@ mod tests {
         let ts = "'2026-03-01T10:05:00+01:00'";
         assert_eq!(
             t(&format!("{{{{ {ts} | datetimeformat }}}}"), None).unwrap(),
-            "2026-03-01 09:05 +00:00"
+            "2026-03-01 09:05 UTC"
+        );
+        assert_eq!(
+            t(&format!("{{{{ {ts} | datetimeformat }}}}"), Some("+05:30")).unwrap(),
+            "2026-03-01 14:35 +05:30"
         );
         assert_eq!(
             t(

@@ -153,7 +153,7 @@ fn password_reset_escapes_html_and_reports_missing_url() {
     assert!(html.contains("&lt;Acme &amp; Co&gt;"), "{html}");
     let text = out.text.expect("text");
     assert!(text.contains("expires in 20 minutes"), "{text}");
-    assert!(text.contains("2026-11-27 18:42 +00:00"), "{text}");
+    assert!(text.contains("2026-11-27 18:42 UTC"), "{text}");
 
     data.remove("reset_url");
     let e = r
