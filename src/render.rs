@@ -61,8 +61,12 @@ use crate::domain::{Channel, Content, InlineContent, Notification, TemplateRef};
 /// Rendered content, ready for a channel adapter.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RenderedContent {
+    /// One line, trimmed (email subject, push title); `None` when the
+    /// template or inline content has no subject.
     pub subject: Option<String>,
+    /// Plain-text body (email text part, SMS, push body).
     pub text: Option<String>,
+    /// HTML body, rendered with autoescape on.
     pub html: Option<String>,
     /// For webhook/in-app: the template's data (or empty object), passed through.
     pub data: serde_json::Value,
