@@ -51,8 +51,12 @@ impl App {
         let metrics = Metrics::new();
         let publisher =
             KafkaPublisher::new(&settings.kafka).context("creating the Kafka producer")?;
-        let renderer: Arc<dyn Renderer> =
-            crate::render::build(&settings.templates).context("loading templates")?;
+        crate::domain::check_schemas()
+            .map_err(anyhow::Error::msg)
+            .context("embedded JSON Schemas")?;
+        let renderer: Arc<dyn Renderer> = Arc::new(
+            crate::render::FileRenderer::new(&settings.templates).context("loading templates")?,
+        );
         let adapters: Vec<Arc<dyn ChannelAdapter>> =
             channels::build_adapters(&settings).context("creating channel adapters")?;
         let pipeline = Arc::new(Pipeline::new(
