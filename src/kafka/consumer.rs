@@ -279,7 +279,24 @@ impl RequestConsumer {
             Ok(()) => tracing::info!("offsets committed at shutdown"),
             Err(e) => tracing::debug!(error = %e, "commit at shutdown"),
         }
+        // Close now, on this thread, rather than whenever the last handle is
+        // dropped: a dynamic member leaves the group at once so survivors
+        // take its partitions; a static member (group.instance.id) keeps them
+        // until its session times out, expecting to come back.
+        self.close(Duration::from_secs(10));
         Ok(())
+    }
+
+    fn close(&self, timeout: Duration) {
+        if let Err(e) = self.consumer.close_queue() {
+            tracing::warn!(error = %e, "closing the consumer");
+            return;
+        }
+        let deadline = Instant::now() + timeout;
+        while !self.consumer.closed() && Instant::now() < deadline {
+            let _ = self.consumer.poll(Duration::from_millis(100));
+        }
+        tracing::info!("consumer closed");
     }
 
     fn dispatch(

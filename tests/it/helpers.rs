@@ -146,6 +146,7 @@ pub struct RunningApp {
 
 impl RunningApp {
     pub async fn start(settings: Settings) -> RunningApp {
+        herald::telemetry::init_tracing();
         let app = App::build(settings).await.expect("build app");
         let http = app.http_addr().expect("http addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

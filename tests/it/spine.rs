@@ -309,7 +309,7 @@ async fn the_same_request_twice_sends_one_email() {
     produce(&p, &env.requests, "bob", request.to_string().as_bytes()).await;
     produce(&p, &env.requests, "bob", request.to_string().as_bytes()).await;
     let marker = format!("after-{}", suffix());
-    let after = json!({"id": marker, "channel": "email", "recipient": {"email": "bob@example.com"}, "content": {"text": "x"}});
+    let after = json!({"id": marker, "channel": "email", "recipient": {"email": "bob@example.com"}, "content": {"subject": "Marker", "text": "x"}});
     produce(&p, &env.requests, "bob", after.to_string().as_bytes()).await;
     let mut outcomes = TopicReader::new(&env.outcomes, 2);
     let m = marker.clone();
