@@ -92,10 +92,14 @@ wait_for_port() {
 	die "$name did not accept connections on 127.0.0.1:$port within ${timeout}s"
 }
 
-# pid_alive FILE: true if FILE holds the pid of a running process.
+# pid_alive FILE [NAME]: true if FILE holds the pid of a running process
+# (whose command line contains NAME, if given: guards against reused pids).
 pid_alive() {
 	local pid
 	[ -f "$1" ] || return 1
 	pid=$(cat "$1" 2>/dev/null) || return 1
-	[ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+	[ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+	if [ -n "${2:-}" ]; then
+		tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$2"
+	fi
 }
