@@ -244,7 +244,7 @@ tansu_start() {
 	local i
 	for ((i = 0; i < 120; i++)); do
 		port_open "$HERALD_BROKER_PORT" && break
-		pid_alive "$TANSU_PID" tansu || die "tansu: exited at start, see $LOG_DIR/tansu.log"
+		pid_alive "$TANSU_PID" || die "tansu: exited at start, see $LOG_DIR/tansu.log"
 		sleep 0.25
 	done
 	wait_for_port "$HERALD_BROKER_PORT" 1 tansu
@@ -293,7 +293,7 @@ sink_start() {
 	local i
 	for ((i = 0; i < 40; i++)); do
 		port_open "$HERALD_SMTP_PORT" && break
-		pid_alive "$SINK_PID" smtp-sink || die "smtp-sink: exited at start, see $LOG_DIR/smtp-sink.log"
+		pid_alive "$SINK_PID" || die "smtp-sink: exited at start, see $LOG_DIR/smtp-sink.log"
 		sleep 0.25
 	done
 	wait_for_port "$HERALD_SMTP_PORT" 1 smtp-sink
