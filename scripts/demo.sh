@@ -12,7 +12,8 @@
 #   8. stops herald serve with SIGTERM (also when a step fails)
 #
 # Usage: scripts/demo.sh [--help]
-# Env: HERALD_HTTP_PORT (default 8080) for herald serve's HTTP listener.
+# Env: HERALD_HTTP_PORT (default 8080) for herald serve's HTTP listener;
+#      HERALD_BIN=path/to/herald uses that binary instead of building one.
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -40,12 +41,16 @@ export HERALD_HTTP__BIND=127.0.0.1:$HTTP_PORT
 # The demo's webhook targets (if any) live on 127.0.0.1.
 export HERALD_WEBHOOK__ALLOW_PRIVATE_TARGETS=true
 
-banner "2. cargo build --release"
-cargo build --release --bin herald
-target_dir=$(cargo metadata --format-version 1 --no-deps |
-	python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-HERALD_BIN=$target_dir/release/herald
-[ -x "$HERALD_BIN" ] || die "built binary not found at $HERALD_BIN"
+if [ -n "${HERALD_BIN:-}" ]; then
+	banner "2. using HERALD_BIN (no build)"
+else
+	banner "2. cargo build --release"
+	cargo build --release --bin herald
+	target_dir=$(cargo metadata --format-version 1 --no-deps |
+		python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+	HERALD_BIN=$target_dir/release/herald
+fi
+[ -x "$HERALD_BIN" ] || die "herald binary not found at $HERALD_BIN"
 log "binary: $HERALD_BIN"
 
 banner "3. herald migrate; herald topics ensure"
@@ -82,25 +87,27 @@ stop_serve() {
 	log "herald serve exited with status $rc (log: $HERALD_LOG)"
 	SERVE_PID=""
 }
-trap stop_serve EXIT
+on_exit() {
+	local rc=$?
+	stop_serve
+	if [ "$rc" -ne 0 ] && [ -s "$HERALD_LOG" ]; then
+		warn "demo failed (status $rc); last lines of $HERALD_LOG:"
+		tail -n 30 "$HERALD_LOG" >&2
+	fi
+}
+trap on_exit EXIT
 
 log "pid $SERVE_PID, log $HERALD_LOG; waiting for http://127.0.0.1:$HTTP_PORT/readyz"
 ready=0
 for ((i = 0; i < 120; i++)); do
-	kill -0 "$SERVE_PID" 2>/dev/null || {
-		tail -n 30 "$HERALD_LOG" >&2
-		die "herald serve exited at start"
-	}
+	kill -0 "$SERVE_PID" 2>/dev/null || die "herald serve exited at start"
 	if curl -fsS -o /dev/null "http://127.0.0.1:$HTTP_PORT/readyz" 2>/dev/null; then
 		ready=1
 		break
 	fi
 	sleep 0.5
 done
-[ "$ready" -eq 1 ] || {
-	tail -n 30 "$HERALD_LOG" >&2
-	die "herald serve not ready after 60 s"
-}
+[ "$ready" -eq 1 ] || die "herald serve not ready after 60 s"
 log "herald serve is ready"
 
 banner "5. herald send (waits for the outcome)"

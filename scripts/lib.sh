@@ -20,6 +20,18 @@ HERALD_BROKER_PORT=${HERALD_BROKER_PORT:-19092}
 HERALD_SMTP_PORT=${HERALD_SMTP_PORT:-2525}
 export HERALD_REPO HERALD_HOME HERALD_PG_PORT HERALD_BROKER_PORT HERALD_SMTP_PORT
 
+# cargo (and what `cargo install` puts next to it) and the sbin directories
+# (runuser, smtp-sink) may not be on PATH in a non-login shell such as CI's.
+CARGO_BIN_DIR=${CARGO_HOME:-${HOME:-/root}/.cargo}/bin
+for _dir in "$CARGO_BIN_DIR" /usr/local/sbin /usr/sbin /sbin; do
+	case ":$PATH:" in
+	*":$_dir:"*) ;;
+	*) if [ -d "$_dir" ]; then PATH=$PATH:$_dir; fi ;;
+	esac
+done
+unset _dir
+export PATH
+
 # The tansu release we install and run (see docs/operations.md).
 # shellcheck disable=SC2034 # used by the scripts that source this file
 TANSU_VERSION=0.6.0
@@ -45,7 +57,7 @@ is_root() { [ "$(id -u)" -eq 0 ]; }
 
 # Prints the path of the tansu binary, or nothing (status 1) if not installed.
 find_tansu() {
-	local cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
+	local cargo_bin="$CARGO_BIN_DIR/tansu"
 	if command -v tansu >/dev/null 2>&1; then
 		command -v tansu
 	elif [ -x "$cargo_bin" ]; then
@@ -92,10 +104,14 @@ wait_for_port() {
 	die "$name did not accept connections on 127.0.0.1:$port within ${timeout}s"
 }
 
-# pid_alive FILE: true if FILE holds the pid of a running process.
+# pid_alive FILE [NAME]: true if FILE holds the pid of a running process
+# (whose command line contains NAME, if given: guards against reused pids).
 pid_alive() {
 	local pid
 	[ -f "$1" ] || return 1
 	pid=$(cat "$1" 2>/dev/null) || return 1
-	[ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+	[ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+	if [ -n "${2:-}" ]; then
+		tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$2"
+	fi
 }

@@ -78,7 +78,7 @@ state_dir() {
 # stop_pidfile NAME FILE: SIGTERM, wait up to 10 s, then SIGKILL.
 stop_pidfile() {
 	local name=$1 file=$2 pid i
-	if ! pid_alive "$file"; then
+	if ! pid_alive "$file" "$name"; then
 		rm -f "$file"
 		log "$name: not running"
 		return 0
@@ -219,7 +219,7 @@ TANSU_PID=$RUN_DIR/tansu.pid
 
 tansu_start() {
 	local tansu
-	if pid_alive "$TANSU_PID"; then
+	if pid_alive "$TANSU_PID" tansu; then
 		log "tansu: already running on 127.0.0.1:$HERALD_BROKER_PORT"
 		return 0
 	fi
@@ -252,7 +252,7 @@ tansu_start() {
 }
 
 tansu_status() {
-	if pid_alive "$TANSU_PID" && port_open "$HERALD_BROKER_PORT"; then
+	if pid_alive "$TANSU_PID" tansu && port_open "$HERALD_BROKER_PORT"; then
 		echo "tansu      running   127.0.0.1:$HERALD_BROKER_PORT  pid $(cat "$TANSU_PID")"
 	elif port_open "$HERALD_BROKER_PORT"; then
 		echo "tansu      external  127.0.0.1:$HERALD_BROKER_PORT  (not started by this HERALD_HOME)"
@@ -269,7 +269,7 @@ SMTP_SINK=/usr/sbin/smtp-sink
 
 sink_start() {
 	local mail_dir user_args=()
-	if pid_alive "$SINK_PID"; then
+	if pid_alive "$SINK_PID" smtp-sink; then
 		log "smtp-sink: already running on 127.0.0.1:$HERALD_SMTP_PORT"
 		return 0
 	fi
@@ -301,7 +301,7 @@ sink_start() {
 }
 
 sink_status() {
-	if pid_alive "$SINK_PID" && port_open "$HERALD_SMTP_PORT"; then
+	if pid_alive "$SINK_PID" smtp-sink && port_open "$HERALD_SMTP_PORT"; then
 		echo "smtp-sink  running   127.0.0.1:$HERALD_SMTP_PORT   pid $(cat "$SINK_PID")  mail $HERALD_HOME/mail/"
 	elif port_open "$HERALD_SMTP_PORT"; then
 		echo "smtp-sink  external  127.0.0.1:$HERALD_SMTP_PORT   (not started by this HERALD_HOME)"

@@ -6,7 +6,7 @@
 #   - Debian packages: cmake, libcurl4-openssl-dev (librdkafka's build),
 #     postgresql (throwaway test cluster), postfix (only its smtp-sink
 #     binary; no system MTA is configured or started), nginx-light (HTTP sink
-#     for benchmarks), python3. `apt-get update` runs once, and only if a
+#     for benchmarks), python3, curl (demo). `apt-get update` runs once, and only if a
 #     package must be installed. Services of newly installed packages are not
 #     started (policy-rc.d), so nothing listens on 5432/25/80.
 #   - the local Kafka-protocol broker `tansu` (crates.io, via cargo install),
@@ -29,7 +29,7 @@ case "${1:-}" in
 *) die "unknown argument: $1 (see --help)" ;;
 esac
 
-APT_PACKAGES=(cmake libcurl4-openssl-dev postgresql postfix nginx-light python3)
+APT_PACKAGES=(cmake libcurl4-openssl-dev postgresql postfix nginx-light python3 curl)
 
 pkg_installed() {
 	[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]

@@ -2,7 +2,7 @@
 # scripts/test.sh: THE test command. Installs what is missing (setup.sh),
 # starts the local services (services.sh start), exports their addresses
 # (HERALD_TEST_BROKERS, HERALD_TEST_DATABASE_URL, ...), then runs
-#   cargo test --all-targets [ARGS...]
+#   cargo test --all-targets --no-fail-fast [ARGS...]
 #   cargo clippy --all-targets -- -D warnings
 #   cargo fmt --check
 # All three always run; the exit status is non-zero if any of them failed.
@@ -54,7 +54,7 @@ step() {
 	fi
 }
 
-step test cargo test --all-targets "$@"
+step test cargo test --all-targets --no-fail-fast "$@"
 step clippy cargo clippy --all-targets -- -D warnings
 step fmt cargo fmt --check
 
