@@ -197,6 +197,8 @@ pub struct RequestConsumer {
     topics: Vec<String>,
     partition_concurrency: usize,
     in_flight: Arc<Semaphore>,
+    /// True with `group.instance.id` (static membership).
+    static_member: bool,
 }
 
 impl RequestConsumer {
@@ -216,6 +218,7 @@ impl RequestConsumer {
             topics: settings.request_topics.clone(),
             partition_concurrency: settings.partition_concurrency,
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
+            static_member: settings.group_instance_id.is_some(),
         })
     }
 
@@ -288,6 +291,14 @@ impl RequestConsumer {
     }
 
     fn close(&self, timeout: Duration) {
+        if !self.static_member {
+            // Leave explicitly; a static member keeps its membership so a
+            // restart with the same id resumes at once.
+            self.consumer.unsubscribe();
+            for _ in 0..5 {
+                let _ = self.consumer.poll(Duration::from_millis(20));
+            }
+        }
         if let Err(e) = self.consumer.close_queue() {
             tracing::warn!(error = %e, "closing the consumer");
             return;

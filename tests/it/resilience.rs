@@ -118,29 +118,36 @@ async fn two_instances_share_partitions_and_a_graceful_leave_hands_over() {
     const N: usize = 600;
     let env = TestEnv::new(4).await;
     let sink = HttpSink::start().await;
-    let a = RunningApp::start(
-        env.settings(&[("HERALD_KAFKA__GROUP_INSTANCE_ID", format!("a-{}", env.id))]),
-    )
-    .await;
-    let b = RunningApp::start(
-        env.settings(&[("HERALD_KAFKA__GROUP_INSTANCE_ID", format!("b-{}", env.id))]),
-    )
-    .await;
+    let logs = tempfile::tempdir().expect("tmp");
+    // Dynamic membership: a static member (group.instance.id) that stops does
+    // not leave the group (KIP-345 assumes it comes back), so a graceful
+    // hand-over to a survivor needs dynamic members.
+    let port_a = free_port();
+    let port_b = free_port();
+    let mut a = HeraldProcess::spawn(
+        env.vars(&[("HERALD_HTTP__BIND", format!("127.0.0.1:{port_a}"))]),
+        &logs.path().join("a.log"),
+    );
+    let mut b = HeraldProcess::spawn(
+        env.vars(&[("HERALD_HTTP__BIND", format!("127.0.0.1:{port_b}"))]),
+        &logs.path().join("b.log"),
+    );
     let p = producer();
     let ids: Vec<String> = (0..N).map(|i| format!("pair-{}-{i}", env.id)).collect();
     let url = sink.url("/pair");
-    // Wait until both members are in the group (each owns partitions) before loading.
-    let consumed = |addr| async move {
-        let text = reqwest::get(format!("http://{addr}/metrics"))
+    let consumed = |port: u16| async move {
+        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
             .await
             .ok()?
             .text()
             .await
             .ok()?;
-        text.lines()
-            .filter(|l| l.starts_with("herald_requests_consumed_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .next()
+        Some(
+            text.lines()
+                .filter(|l| l.starts_with("herald_requests_consumed_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum::<u64>(),
+        )
     };
     for (i, id) in ids.iter().take(N / 2).enumerate() {
         produce(
@@ -158,12 +165,12 @@ async fn two_instances_share_partitions_and_a_graceful_leave_hands_over() {
             .await
     );
     let (ca, cb) = (
-        consumed(a.http).await.unwrap_or(0),
-        consumed(b.http).await.unwrap_or(0),
+        consumed(port_a).await.unwrap_or(0),
+        consumed(port_b).await.unwrap_or(0),
     );
     assert!(ca > 0 && cb > 0, "both instances consumed: a={ca} b={cb}");
     assert_eq!(ca + cb, (N / 2) as u64, "each request consumed once");
-    b.stop().await; // graceful: drains, commits, leaves the group
+    b.terminate(); // SIGTERM: drains, commits, leaves the group
     for (i, id) in ids.iter().enumerate().skip(N / 2) {
         produce(
             &p,
@@ -173,14 +180,18 @@ async fn two_instances_share_partitions_and_a_graceful_leave_hands_over() {
         )
         .await;
     }
-    assert!(
-        outcomes
-            .read_until(Duration::from_secs(120), |r| r.len() >= N)
-            .await,
-        "survivor took over: {} outcomes",
-        outcomes.records.len()
-    );
-    a.stop().await;
+    let took_over = outcomes
+        .read_until(Duration::from_secs(120), |r| r.len() >= N)
+        .await;
+    a.terminate();
+    if !took_over {
+        let log = std::fs::read_to_string(logs.path().join("a.log")).unwrap_or_default();
+        panic!(
+            "survivor did not take over: {} outcomes; log a:\n{}",
+            outcomes.records.len(),
+            &log[log.len().saturating_sub(3000)..]
+        );
+    }
     let resent = assert_exactly_once(&env, &ids, &sink, &outcomes).await;
     assert_eq!(resent, 0, "no crash here, so no resends");
 }

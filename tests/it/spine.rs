@@ -312,12 +312,14 @@ async fn the_same_request_twice_sends_one_email() {
     let after = json!({"id": marker, "channel": "email", "recipient": {"email": "bob@example.com"}, "content": {"subject": "Marker", "text": "x"}});
     produce(&p, &env.requests, "bob", after.to_string().as_bytes()).await;
     let mut outcomes = TopicReader::new(&env.outcomes, 2);
-    let m = marker.clone();
+    let (m, d) = (marker.clone(), id.clone());
+    // Outcomes are keyed by notification id, so they may sit on different partitions.
     assert!(
         outcomes
-            .read_until(WAIT, |r| r
-                .iter()
-                .any(|x| x.json()["notification_id"] == m.as_str()))
+            .read_until(WAIT, |r| {
+                let seen = |x: &str| r.iter().any(|rec| rec.json()["notification_id"] == x);
+                seen(&m) && seen(&d)
+            })
             .await
     );
     // Same key → processed in order, so both copies of `id` were handled before the marker.
