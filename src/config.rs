@@ -228,7 +228,13 @@ impl Settings {
         }
         let env: std::collections::HashMap<String, String> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with("HERALD_") && k != "HERALD_CONFIG")
+            // Only `HERALD_SECTION__KEY` names are settings; other HERALD_*
+            // variables (HERALD_CONFIG, HERALD_LOG_FORMAT, the scripts' own
+            // HERALD_HOME, HERALD_PG_PORT, ...) are not.
+            .filter(|(k, _)| {
+                k.strip_prefix("HERALD_")
+                    .is_some_and(|rest| rest.contains("__"))
+            })
             .collect();
         builder = builder.add_source(
             config::Environment::with_prefix("HERALD")
