@@ -1,6 +1,7 @@
 //! Wiring: [`App::build`] creates pools, clients and adapters from
-//! [`Settings`]; [`App::run_until_stopped`] runs the consumer and the HTTP
-//! server until the given shutdown future resolves, then drains and commits.
+//! [`Settings`]; [`App::run_until_stopped`] runs the consumer, the due-work
+//! scheduler, the preferences consumer (when configured) and the HTTP server
+//! until the given shutdown future resolves, then drains and commits.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,8 +18,10 @@ use crate::http::{self, HttpState};
 use crate::kafka::consumer::RequestConsumer;
 use crate::kafka::{KafkaPublisher, OutcomePublisher, topics};
 use crate::pipeline::Pipeline;
+use crate::policy::{Policy, SystemClock};
 use crate::render::Renderer;
-use crate::store::{self, NotificationStore};
+use crate::scheduler::{Scheduler, SchedulerSettings};
+use crate::store::{self, DueStore, NotificationStore, PreferenceStore};
 use crate::telemetry::Metrics;
 
 /// A built, not yet running, Herald instance.
@@ -30,6 +33,10 @@ pub struct App {
     pipeline: Arc<Pipeline>,
     publisher: KafkaPublisher,
     metrics: Metrics,
+    /// The due-work loop (every instance runs one).
+    scheduler: Scheduler,
+    /// Preference updates from `kafka.preference_topic`, when configured.
+    preferences: Option<(rdkafka::consumer::StreamConsumer, Arc<Policy>)>,
 }
 
 impl App {
@@ -59,14 +66,43 @@ impl App {
         );
         let adapters: Vec<Arc<dyn ChannelAdapter>> =
             channels::build_adapters(&settings).context("creating channel adapters")?;
-        let pipeline = Arc::new(Pipeline::new(
+        let due = DueStore::new(pool.clone());
+        let mut pipeline = Pipeline::new(
             NotificationStore::new(pool.clone()),
             renderer,
             adapters,
             Arc::new(publisher.clone()) as Arc<dyn OutcomePublisher>,
             metrics.clone(),
             settings.pipeline.max_request_bytes,
+        );
+        let policy = Arc::new(Policy::new(
+            PreferenceStore::new(pool.clone()),
+            settings.policy.clone(),
+            Arc::new(SystemClock),
         ));
+        pipeline = if settings.policy.enabled {
+            pipeline.with_policy(policy.clone(), due.clone())
+        } else {
+            pipeline.with_due(due.clone())
+        };
+        let pipeline = Arc::new(pipeline);
+        let scheduler = Scheduler::new(
+            due,
+            pipeline.clone(),
+            SchedulerSettings {
+                interval: Duration::from_millis(settings.policy.scheduler_interval_ms),
+                batch_size: settings.policy.scheduler_batch_size,
+                lease: Duration::from_millis(settings.policy.scheduler_lease_ms),
+            },
+        );
+        let preferences = match &settings.kafka.preference_topic {
+            Some(topic) => Some((
+                crate::kafka::preferences::consumer(&settings.kafka, topic)
+                    .context("creating the preferences consumer")?,
+                policy,
+            )),
+            None => None,
+        };
         let consumer =
             RequestConsumer::new(&settings.kafka).context("creating the Kafka consumer")?;
         let listener = tokio::net::TcpListener::bind(&settings.http.bind)
@@ -80,6 +116,8 @@ impl App {
             pipeline,
             publisher,
             metrics,
+            scheduler,
+            preferences,
         })
     }
 
@@ -108,6 +146,16 @@ impl App {
             .with_graceful_shutdown(async move { http_token.cancelled().await });
         let http_task = tokio::spawn(async move { server.await });
 
+        let scheduler_task = tokio::spawn(self.scheduler.run(token.child_token()));
+        let preferences_task = self.preferences.map(|(consumer, policy)| {
+            tokio::spawn(crate::kafka::preferences::run(
+                consumer,
+                policy,
+                self.metrics.clone(),
+                token.child_token(),
+            ))
+        });
+
         let runtime = tokio::runtime::Handle::current();
         let consumer_token = token.clone();
         let pipeline = self.pipeline.clone();
@@ -135,6 +183,10 @@ impl App {
                 r.ok()
             }
         };
+        let _ = scheduler_task.await;
+        if let Some(t) = preferences_task {
+            let _ = t.await;
+        }
         self.publisher.flush(Duration::from_secs(10));
         let _ = http_task.await;
         match consumer_result {

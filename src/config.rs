@@ -23,6 +23,7 @@ pub struct Settings {
     pub webhook: WebhookSettings,
     pub templates: TemplateSettings,
     pub pipeline: PipelineSettings,
+    pub policy: PolicySettings,
 }
 
 /// Kafka client and topic settings.
@@ -57,6 +58,9 @@ pub struct KafkaSettings {
     pub drain_timeout_ms: u64,
     /// Raw librdkafka properties, applied last (override everything above).
     pub properties: BTreeMap<String, String>,
+    /// Topic carrying preference-update events
+    /// (`schemas/preference-update.v1.json`); unset: no preference consumer.
+    pub preference_topic: Option<String>,
 }
 
 /// PostgreSQL settings.
@@ -147,6 +151,34 @@ pub struct PipelineSettings {
     pub max_request_bytes: usize,
 }
 
+/// Recipient policy and the due-work scheduler.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySettings {
+    /// Apply preferences, quiet hours, caps and schedules (false: send
+    /// everything at once, as without policy).
+    pub enabled: bool,
+    /// How long cached preferences are trusted when no update event says
+    /// otherwise (writes by other processes, e.g. `herald prefs set`).
+    pub preference_cache_ttl_ms: u64,
+    /// Upper bound of cached preference entries (the cache is cleared when full).
+    pub preference_cache_capacity: usize,
+    /// Categories that ignore quiet hours (like priority `urgent`).
+    pub quiet_hours_bypass_categories: Vec<String>,
+    /// Categories dropped (`suppressed`, `frequency_cap`) instead of
+    /// throttled when a frequency cap is reached.
+    pub frequency_cap_drop_categories: Vec<String>,
+    /// Categories sent only to recipients who opted in explicitly.
+    pub opt_in_required_categories: Vec<String>,
+    /// How often an idle scheduler looks for due rows, in milliseconds.
+    pub scheduler_interval_ms: u64,
+    /// Due rows claimed per scheduler round.
+    pub scheduler_batch_size: i64,
+    /// How long a claimed due row belongs to its instance before another
+    /// may take it (a crashed instance's claims come back after this).
+    pub scheduler_lease_ms: u64,
+}
+
 /// Errors loading settings.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -202,6 +234,17 @@ max_output_bytes = 1048576
 
 [pipeline]
 max_request_bytes = 1048576
+
+[policy]
+enabled = true
+preference_cache_ttl_ms = 5000
+preference_cache_capacity = 100000
+quiet_hours_bypass_categories = ["security", "transactional"]
+frequency_cap_drop_categories = ["marketing"]
+opt_in_required_categories = ["marketing"]
+scheduler_interval_ms = 250
+scheduler_batch_size = 100
+scheduler_lease_ms = 60000
 "#;
 
 impl Settings {
@@ -242,6 +285,9 @@ impl Settings {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("kafka.request_topics")
+                .with_list_parse_key("policy.quiet_hours_bypass_categories")
+                .with_list_parse_key("policy.frequency_cap_drop_categories")
+                .with_list_parse_key("policy.opt_in_required_categories")
                 .try_parsing(true)
                 .source(Some(env)),
         );
@@ -266,6 +312,11 @@ impl Settings {
         }
         if self.kafka.topic_partitions < 1 {
             return bad("kafka.topic_partitions must be at least 1");
+        }
+        if self.policy.scheduler_batch_size < 1 || self.policy.scheduler_interval_ms == 0 {
+            return bad(
+                "policy.scheduler_batch_size and policy.scheduler_interval_ms must be at least 1",
+            );
         }
         if self.smtp.pool_size == 0 {
             return bad("smtp.pool_size must be at least 1");

@@ -12,7 +12,9 @@
 //! - [`channels`]: the `ChannelAdapter` trait and one file per adapter (SMTP, webhook).
 //! - [`store`]: PostgreSQL repositories (notifications, delivery attempts).
 //! - [`kafka`]: consumer (partition workers, rebalance drain), in-order offset tracker, producer.
-//! - [`pipeline`]: one request through claim → render → send → persist → publish.
+//! - [`pipeline`]: one request through policy → claim → render → send → persist → publish.
+//! - [`policy`]: preferences, quiet hours, frequency caps, schedule and expiry as one pure decision.
+//! - [`scheduler`]: the due-work loop that fires scheduled, deferred and throttled rows.
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`telemetry`]: tracing setup and Prometheus metrics.
 //! - [`app`]: wires it all together; `App::build` then `run_until_stopped`.
@@ -24,6 +26,8 @@ pub mod domain;
 pub mod http;
 pub mod kafka;
 pub mod pipeline;
+pub mod policy;
 pub mod render;
+pub mod scheduler;
 pub mod store;
 pub mod telemetry;

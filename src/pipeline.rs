@@ -15,11 +15,13 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::channels::{ChannelAdapter, SendError};
 use crate::domain::{
-    Channel, DecodeError, DeliveryStatusEvent, ErrorInfo, Notification, Status, decode_request,
+    CancelRequest, Channel, DecodeError, Decoded, DeliveryStatusEvent, ErrorInfo, Notification,
+    Status, decode_message,
 };
 use crate::kafka::{OutcomePublisher, PublishError, SourceMessage};
-use crate::render::Renderer;
-use crate::store::{AttemptResult, Claim, NotificationStore, StoreError};
+use crate::policy::{Decision, Evaluation, Policy};
+use crate::render::{RenderedContent, Renderer};
+use crate::store::{AttemptResult, Claim, DueRow, DueStore, NotificationStore, StoreError};
 use crate::telemetry::Metrics;
 
 /// Notifications of one batch request processed at once.
@@ -61,6 +63,10 @@ pub struct Pipeline {
     metrics: Metrics,
     /// Larger payloads are rejected before parsing.
     max_request_bytes: usize,
+    /// Recipient policy; `None`: every notification is sent at once.
+    policy: Option<Arc<Policy>>,
+    /// Due rows (policy holds, cancels, scheduler firing); `None`: no due work.
+    due: Option<DueStore>,
 }
 
 impl Pipeline {
@@ -80,7 +86,28 @@ impl Pipeline {
             publisher,
             metrics,
             max_request_bytes,
+            policy: None,
+            due: None,
         }
+    }
+
+    /// Applies `policy` before every send and keeps held notifications as
+    /// due rows in `due`.
+    pub fn with_policy(mut self, policy: Arc<Policy>, due: DueStore) -> Self {
+        self.policy = Some(policy);
+        self.due = Some(due);
+        self
+    }
+
+    /// Due rows without a policy (fires rows written by others, e.g. retries).
+    pub fn with_due(mut self, due: DueStore) -> Self {
+        self.due = Some(due);
+        self
+    }
+
+    /// The policy, when one is applied.
+    pub fn policy(&self) -> Option<&Arc<Policy>> {
+        self.policy.as_ref()
     }
 
     /// The metrics this pipeline updates.
@@ -95,8 +122,9 @@ impl Pipeline {
             .with_label_values(&[&message.topic])
             .inc();
         let payload = message.payload.as_deref().unwrap_or(&[]);
-        let request = match decode_request(payload, self.max_request_bytes) {
-            Ok(r) => r,
+        let request = match decode_message(payload, self.max_request_bytes) {
+            Ok(Decoded::Notify(r)) => r,
+            Ok(Decoded::Cancel(c)) => return self.cancel(&c).await,
             Err(e) => return self.reject(message, &e).await,
         };
         let notifications = request.into_notifications();
@@ -110,6 +138,33 @@ impl Pipeline {
             .buffer_unordered(BATCH_CONCURRENCY)
             .try_collect::<Vec<()>>()
             .await?;
+        Ok(())
+    }
+
+    /// Cancels the waiting notifications a cancel request names and
+    /// publishes a `cancelled` outcome for each (again, unchanged, when the
+    /// cancel request is redelivered).
+    async fn cancel(&self, c: &CancelRequest) -> Result<(), PipelineError> {
+        let Some(due) = &self.due else {
+            return Ok(());
+        };
+        let events = due
+            .cancel(
+                &c.id,
+                c.cancels.as_deref(),
+                c.correlation_id.as_deref(),
+                c.tenant_id.as_deref(),
+            )
+            .await?;
+        tracing::info!(cancel_id = %c.id, cancelled = events.len(), "cancel request");
+        for event in &events {
+            self.publisher.publish_outcome(event).await?;
+            let channel = event.channel.map_or("unknown", |ch| ch.as_str());
+            self.metrics
+                .outcomes
+                .with_label_values(&[channel, event.status.as_str()])
+                .inc();
+        }
         Ok(())
     }
 
@@ -144,43 +199,27 @@ impl Pipeline {
         self.publish(&event, None).await
     }
 
-    /// Delivers one notification exactly once per claim.
-    pub async fn deliver(&self, n: Notification) -> Result<(), PipelineError> {
-        let adapter = self.adapters.get(&n.channel).cloned();
-        let provider = adapter
-            .as_ref()
-            .map_or("none", |a| a.provider())
-            .to_string();
-        let ready = match adapter {
-            None => Err(ErrorInfo {
-                code: "channel_unavailable".into(),
-                message: format!("no adapter is configured for channel {}", n.channel),
-                retryable: false,
-            }),
-            Some(a) => match self.renderer.render(&n) {
-                Ok(content) => Ok((a, content)),
-                Err(e) => Err(ErrorInfo {
-                    code: e.code.as_str().into(),
-                    message: e.message,
-                    retryable: false,
-                }),
-            },
-        };
-        let (adapter, content) = match ready {
-            Ok(ready) => ready,
-            Err(error) => {
-                let mut event = DeliveryStatusEvent::for_notification(&n, Status::Failed, 0);
-                event.reason = Some(error.code.clone());
-                event.error = Some(error);
-                return match self
-                    .store
-                    .claim(&n, Status::Failed, &provider, Some(&event))
-                    .await?
-                {
-                    Claim::New { .. } => self.publish(&event, Some(&n)).await,
-                    existing => self.already_handled(&n, existing).await,
-                };
+    /// Delivers one notification exactly once per claim. With a policy, the
+    /// decision comes first: a notification that must wait or must not be
+    /// sent is claimed directly with that status and its outcome published;
+    /// nothing is sent.
+    pub async fn deliver(&self, mut n: Notification) -> Result<(), PipelineError> {
+        if let Some(policy) = &self.policy {
+            let decision = policy.evaluate(&mut n).await?;
+            self.count_decision(&decision);
+            match decision {
+                Evaluation::Decided(Decision::SendNow) => {}
+                Evaluation::NoAddress => {
+                    let provider = self.provider_name(&n);
+                    return self.claim_failed(&n, &provider, no_address_error()).await;
+                }
+                Evaluation::Decided(d) => return self.hold(n, d).await,
             }
+        }
+        let provider = self.provider_name(&n);
+        let (adapter, content) = match self.prepare(&n) {
+            Ok(ready) => ready,
+            Err(error) => return self.claim_failed(&n, &provider, error).await,
         };
 
         let attempt = match self
@@ -206,9 +245,167 @@ impl Pipeline {
             }
             existing => return self.already_handled(&n, existing).await,
         };
+        self.send_attempt(&n, adapter.as_ref(), &content, attempt, &provider)
+            .await
+    }
 
+    /// Fires one due row claimed by the scheduler as `owner`: re-evaluates
+    /// expiry and preferences now, then sends through the same render →
+    /// send → persist → publish path as a fresh request, or waits again, or
+    /// drops it. A row `owner` no longer holds (cancelled meanwhile) is left alone.
+    pub async fn fire_due(&self, row: DueRow, owner: &str) -> Result<(), PipelineError> {
+        let Some(due) = &self.due else {
+            return Ok(());
+        };
+        let mut n = row.notification;
+        let decision = match &self.policy {
+            Some(policy) => policy.evaluate(&mut n).await?,
+            None => Evaluation::Decided(Decision::SendNow),
+        };
+        self.count_decision(&decision);
+        let attempts = u32::try_from(row.attempts).unwrap_or(0);
+        let (status, until, reason, error) = match decision {
+            Evaluation::Decided(Decision::SendNow) => {
+                let provider = self.provider_name(&n);
+                match self.prepare(&n) {
+                    Ok((adapter, content)) => {
+                        return match due.start_attempt(&n.id, owner, &provider).await? {
+                            Some(attempt) => {
+                                self.send_attempt(
+                                    &n,
+                                    adapter.as_ref(),
+                                    &content,
+                                    attempt,
+                                    &provider,
+                                )
+                                .await
+                            }
+                            None => Ok(()),
+                        };
+                    }
+                    Err(error) => (Status::Failed, None, error.code.clone(), Some(error)),
+                }
+            }
+            Evaluation::NoAddress => {
+                let e = no_address_error();
+                (Status::Failed, None, e.code.clone(), Some(e))
+            }
+            Evaluation::Decided(Decision::Defer {
+                status,
+                until,
+                reason,
+            }) => (status, Some(until), reason.to_string(), None),
+            Evaluation::Decided(Decision::Drop { status, reason }) => {
+                (status, None, reason.to_string(), None)
+            }
+        };
+        let mut event = DeliveryStatusEvent::for_notification(&n, status, attempts);
+        event.reason = Some(reason);
+        event.error = error;
+        event.next_attempt_at = until;
+        if due.settle(&n.id, owner, status, until, &event).await? {
+            self.publish(&event, Some(&n)).await?;
+        }
+        Ok(())
+    }
+
+    /// The adapter's provider name for `n`'s channel, `none` without one.
+    fn provider_name(&self, n: &Notification) -> String {
+        self.adapters
+            .get(&n.channel)
+            .map_or("none", |a| a.provider())
+            .to_string()
+    }
+
+    /// The adapter and rendered content of `n`, or why it cannot be sent.
+    fn prepare(
+        &self,
+        n: &Notification,
+    ) -> Result<(Arc<dyn ChannelAdapter>, RenderedContent), ErrorInfo> {
+        let Some(adapter) = self.adapters.get(&n.channel).cloned() else {
+            return Err(ErrorInfo {
+                code: "channel_unavailable".into(),
+                message: format!("no adapter is configured for channel {}", n.channel),
+                retryable: false,
+            });
+        };
+        match self.renderer.render(n) {
+            Ok(content) => Ok((adapter, content)),
+            Err(e) => Err(ErrorInfo {
+                code: e.code.as_str().into(),
+                message: e.message,
+                retryable: false,
+            }),
+        }
+    }
+
+    /// Claims `n` as `failed` before any send and publishes the outcome.
+    async fn claim_failed(
+        &self,
+        n: &Notification,
+        provider: &str,
+        error: ErrorInfo,
+    ) -> Result<(), PipelineError> {
+        let mut event = DeliveryStatusEvent::for_notification(n, Status::Failed, 0);
+        event.reason = Some(error.code.clone());
+        event.error = Some(error);
+        match self
+            .store
+            .claim(n, Status::Failed, provider, Some(&event))
+            .await?
+        {
+            Claim::New { .. } => self.publish(&event, Some(n)).await,
+            existing => self.already_handled(n, existing).await,
+        }
+    }
+
+    /// Claims `n` with the policy's waiting or final status (nothing is
+    /// sent) and publishes the outcome.
+    async fn hold(&self, n: Notification, decision: Decision) -> Result<(), PipelineError> {
+        let Some(due) = &self.due else {
+            return Ok(());
+        };
+        let (status, until, reason) = match decision {
+            Decision::SendNow => return Ok(()),
+            Decision::Defer {
+                status,
+                until,
+                reason,
+            } => (status, Some(until), reason),
+            Decision::Drop { status, reason } => (status, None, reason),
+        };
+        let mut event = DeliveryStatusEvent::for_notification(&n, status, 0);
+        event.reason = Some(reason.to_string());
+        event.next_attempt_at = until;
+        match due.claim_decided(&n, status, until, &event).await? {
+            Claim::New { .. } => self.publish(&event, Some(&n)).await,
+            existing => self.already_handled(&n, existing).await,
+        }
+    }
+
+    fn count_decision(&self, e: &Evaluation) {
+        let (outcome, reason) = match e {
+            Evaluation::NoAddress => ("failed", crate::policy::reason::NO_ADDRESS),
+            Evaluation::Decided(d) => d.labels(),
+        };
+        self.metrics
+            .policy_decisions
+            .with_label_values(&[outcome, reason])
+            .inc();
+    }
+
+    /// Sends `attempt` of `n`, records it and publishes the outcome.
+    async fn send_attempt(
+        &self,
+        n: &Notification,
+        adapter: &dyn ChannelAdapter,
+        content: &RenderedContent,
+        attempt: i32,
+        provider: &str,
+    ) -> Result<(), PipelineError> {
+        let provider = provider.to_string();
         let started = Instant::now();
-        let result = adapter.send(&n, &content).await;
+        let result = adapter.send(n, content).await;
         let elapsed = started.elapsed();
         let attempt_no = u32::try_from(attempt).unwrap_or(0);
         let (event, attempt_result) = match result {
@@ -217,7 +414,7 @@ impl Pipeline {
                     .send_duration
                     .with_label_values(&[n.channel.as_str(), "ok"])
                     .observe(elapsed.as_secs_f64());
-                let mut event = DeliveryStatusEvent::for_notification(&n, Status::Sent, attempt_no);
+                let mut event = DeliveryStatusEvent::for_notification(n, Status::Sent, attempt_no);
                 event.provider = Some(receipt.provider.clone());
                 event.provider_message_id = receipt.provider_message_id.clone();
                 let r = AttemptResult {
@@ -242,7 +439,7 @@ impl Pipeline {
                 tracing::info!(notification_id = %n.id, code = e.code(), error = %e.message(), "send failed");
                 let error = error_info(&e);
                 let mut event =
-                    DeliveryStatusEvent::for_notification(&n, Status::Failed, attempt_no);
+                    DeliveryStatusEvent::for_notification(n, Status::Failed, attempt_no);
                 event.provider = Some(provider.clone());
                 event.reason = Some(error.code.clone());
                 event.error = Some(error.clone());
@@ -279,7 +476,7 @@ impl Pipeline {
                 Err(e) => return Err(e.into()),
             }
         }
-        self.publish(&event, Some(&n)).await
+        self.publish(&event, Some(n)).await
     }
 
     /// A redelivered notification: send nothing; re-publish its last outcome
@@ -314,6 +511,16 @@ impl Pipeline {
             .with_label_values(&[channel, event.status.as_str()])
             .inc();
         Ok(())
+    }
+}
+
+fn no_address_error() -> ErrorInfo {
+    ErrorInfo {
+        code: crate::policy::reason::NO_ADDRESS.into(),
+        message:
+            "the request names only a user and the preferences hold no address for the channel"
+                .into(),
+        retryable: false,
     }
 }
 

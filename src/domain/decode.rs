@@ -249,9 +249,56 @@ fn is_identifier(s: &str) -> bool {
         && !s.chars().any(|c| c.is_ascii_control())
 }
 
+/// A cancel request (`"kind": "cancel"`): cancels the waiting notifications
+/// of request `cancels` and/or of every request with `correlation_id`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CancelRequest {
+    /// The cancel request's own id.
+    pub id: String,
+    pub tenant_id: Option<String>,
+    pub cancels: Option<String>,
+    pub correlation_id: Option<String>,
+}
+
+/// What one request-topic message asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoded {
+    /// Deliver a notification (the default kind).
+    Notify(NotificationRequest),
+    /// Cancel waiting notifications.
+    Cancel(CancelRequest),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireCancel {
+    id: String,
+    #[allow(dead_code)]
+    kind: String,
+    tenant_id: Option<String>,
+    cancels: Option<String>,
+    correlation_id: Option<String>,
+}
+
+/// Decodes a request that must be a notification (not a cancel). See
+/// [`decode_message`].
+pub fn decode_request(bytes: &[u8], max_bytes: usize) -> Result<NotificationRequest, DecodeError> {
+    match decode_message(bytes, max_bytes)? {
+        Decoded::Notify(r) => Ok(r),
+        Decoded::Cancel(c) => {
+            let mut e = DecodeError::new(
+                DecodeErrorCode::SchemaViolation,
+                "/kind: a cancel request where a notification was expected",
+            );
+            e.request_id = Some(c.id);
+            Err(e)
+        }
+    }
+}
+
 /// Decodes one Kafka message payload of at most `max_bytes` bytes
 /// (`pipeline.max_request_bytes`). See the module docs for the steps.
-pub fn decode_request(bytes: &[u8], max_bytes: usize) -> Result<NotificationRequest, DecodeError> {
+pub fn decode_message(bytes: &[u8], max_bytes: usize) -> Result<Decoded, DecodeError> {
     use DecodeErrorCode as C;
 
     if bytes.len() > max_bytes {
@@ -272,6 +319,9 @@ pub fn decode_request(bytes: &[u8], max_bytes: usize) -> Result<NotificationRequ
 
     let obj = unwrap_cloudevent(top)?;
     let ids = Ids::read(&obj);
+    if obj.get("kind").and_then(Value::as_str) == Some("cancel") {
+        return decode_cancel(obj, &ids).map(Decoded::Cancel);
+    }
     // The schema says this too, but its `oneOf` message is vague.
     for (a, b) in [("recipient", "recipients"), ("template", "content")] {
         if obj.contains_key(a) == obj.contains_key(b) {
@@ -306,7 +356,32 @@ pub fn decode_request(bytes: &[u8], max_bytes: usize) -> Result<NotificationRequ
         )
         .with_ids(&ids)
     })?;
-    wire.into_domain().map_err(|e| e.with_ids(&ids))
+    wire.into_domain()
+        .map(Decoded::Notify)
+        .map_err(|e| e.with_ids(&ids))
+}
+
+fn decode_cancel(obj: Map<String, Value>, ids: &Ids) -> Result<CancelRequest, DecodeError> {
+    let value = Value::Object(obj);
+    let validator = REQUEST_VALIDATOR
+        .as_ref()
+        .map_err(|e| DecodeError::new(DecodeErrorCode::SchemaViolation, e).with_ids(ids))?;
+    if let Some(m) = schema_errors(validator, &value) {
+        return Err(DecodeError::new(DecodeErrorCode::SchemaViolation, m).with_ids(ids));
+    }
+    let w: WireCancel = serde_json::from_value(value).map_err(|e| {
+        DecodeError::new(
+            DecodeErrorCode::SchemaViolation,
+            format!("does not match the cancel structure: {e}"),
+        )
+        .with_ids(ids)
+    })?;
+    Ok(CancelRequest {
+        id: w.id,
+        tenant_id: w.tenant_id,
+        cancels: w.cancels,
+        correlation_id: w.correlation_id,
+    })
 }
 
 /// CloudEvents structured mode: returns the request object inside the
@@ -396,6 +471,9 @@ fn pointer_or_root(path: &str) -> String {
 #[serde(deny_unknown_fields)]
 struct WireRequest {
     id: String,
+    /// Always `notify` here (cancels are decoded apart).
+    #[allow(dead_code)]
+    kind: Option<String>,
     tenant_id: Option<String>,
     app_id: Option<String>,
     channel: Channel,
@@ -589,7 +667,9 @@ impl WireRecipient {
             Channel::Push => self.device_tokens.is_empty().then_some("device_tokens"),
             Channel::InApp => self.user_id.is_none().then_some("user_id"),
         };
-        if let Some(name) = missing {
+        // A recipient named only by user id gets its address from the
+        // preferences (the policy step); without a user id it is missing now.
+        if let Some(name) = missing.filter(|_| self.user_id.is_none()) {
             return Err(DecodeError::new(
                 DecodeErrorCode::MissingAddress,
                 format!("{field}.{name}: required for channel {}", channel.as_str()),

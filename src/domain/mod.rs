@@ -10,7 +10,8 @@ pub mod recipient;
 pub mod request;
 
 pub use decode::{
-    DecodeError, DecodeErrorCode, check_schemas, decode_request, validate_delivery_status,
+    CancelRequest, DecodeError, DecodeErrorCode, Decoded, check_schemas, decode_message,
+    decode_request, validate_delivery_status,
 };
 pub use outcome::{DeliveryStatusEvent, ErrorInfo, Status};
 pub use recipient::{EmailAddress, PhoneNumber, Recipient, WebhookUrl};

@@ -3,6 +3,7 @@
 
 pub mod consumer;
 pub mod offsets;
+pub mod preferences;
 pub mod producer;
 pub mod topics;
 

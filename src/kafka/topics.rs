@@ -20,11 +20,13 @@ pub enum TopicError {
     },
 }
 
-/// Every topic Herald uses: request topics, outcome topic, DLQ topic.
+/// Every topic Herald uses: request topics, outcome topic, DLQ topic, and
+/// the preferences topic when configured.
 pub fn all_topics(settings: &KafkaSettings) -> Vec<String> {
     let mut topics = settings.request_topics.clone();
     topics.push(settings.outcome_topic.clone());
     topics.push(settings.dlq_topic.clone());
+    topics.extend(settings.preference_topic.clone());
     topics.sort();
     topics.dedup();
     topics

@@ -1,7 +1,9 @@
 //! PostgreSQL repositories. Stores are concrete types over a [`PgPool`]; SQL
 //! lives here and nowhere else.
 
+pub mod due;
 pub mod notifications;
+pub mod preferences;
 
 use std::time::Duration;
 
@@ -11,7 +13,9 @@ use sqlx::{ConnectOptions, PgPool};
 
 use crate::config::DatabaseSettings;
 
+pub use due::{DueRow, DueStore};
 pub use notifications::{AttemptResult, Claim, NotificationStore};
+pub use preferences::PreferenceStore;
 
 /// A database failure. Every variant is transient from the pipeline's point of
 /// view: the message is retried, never dropped.

@@ -24,6 +24,12 @@ pub struct Metrics {
     pub duplicates: IntCounterVec,
     /// Transient infrastructure failures (database, broker) that made a message retry.
     pub infra_retries: IntCounterVec,
+    /// Policy decisions, by outcome (`send`, `scheduled`, `deferred`,
+    /// `throttled`, `suppressed`, `expired`, `failed`) and reason.
+    pub policy_decisions: IntCounterVec,
+    /// Due rows (scheduled, deferred, throttled, retrying) whose time has come
+    /// and that no scheduler holds: the due-work backlog.
+    pub due_depth: IntGauge,
 }
 
 impl Metrics {
@@ -63,6 +69,11 @@ impl Metrics {
             "Transient database or broker failures that made a message retry.",
             &["stage"],
         );
+        let policy_decisions = counter(
+            "herald_policy_decisions_total",
+            "Recipient-policy decisions, by outcome and reason.",
+            &["outcome", "reason"],
+        );
         let send_duration = HistogramVec::new(
             HistogramOpts::new(
                 "herald_send_duration_seconds",
@@ -86,8 +97,18 @@ impl Metrics {
         registry
             .register(Box::new(in_flight.clone()))
             .expect("metric registered once");
+        let due_depth = IntGauge::new(
+            "herald_due_queue_depth",
+            "Due rows waiting for a scheduler (next_attempt_at passed, not leased).",
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(due_depth.clone()))
+            .expect("metric registered once");
         Metrics {
             registry,
+            policy_decisions,
+            due_depth,
             requests_consumed,
             outcomes,
             send_duration,
