@@ -17,10 +17,12 @@
 //! - [`scheduler`]: the due-work loop that fires scheduled, deferred and throttled rows.
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`telemetry`]: tracing setup and Prometheus metrics.
+//! - [`cli`]: subcommands with logic of their own (`herald prefs`).
 //! - [`app`]: wires it all together; `App::build` then `run_until_stopped`.
 
 pub mod app;
 pub mod channels;
+pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod http;

@@ -45,6 +45,11 @@ enum Command {
     ///
     /// Example: herald send --channel email --to ada@example.com --subject Hi --text "Hello" --wait 30
     Send(Box<SendArgs>),
+    /// Recipient preferences and the suppression list.
+    Prefs {
+        #[command(subcommand)]
+        command: herald::cli::prefs::PrefsCommand,
+    },
     /// Topic administration.
     Topics {
         #[command(subcommand)]
@@ -140,6 +145,7 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Send(args) => send(&settings, *args).await,
+            Command::Prefs { command } => herald::cli::prefs::run(&settings, command).await,
         }
     })
 }

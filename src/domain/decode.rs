@@ -1212,19 +1212,19 @@ mod tests {
         for (channel, recipient, field) in [
             (
                 "email",
-                json!({"user_id": "u", "phone": "+14155550123"}),
+                json!({"locale": "en", "phone": "+14155550123"}),
                 "recipient.email",
             ),
             (
                 "sms",
-                json!({"user_id": "u", "email": "a@example.com"}),
+                json!({"locale": "en", "email": "a@example.com"}),
                 "recipient.phone",
             ),
-            ("webhook", json!({"user_id": "u"}), "recipient.url"),
-            ("push", json!({"user_id": "u"}), "recipient.device_tokens"),
+            ("webhook", json!({"locale": "en"}), "recipient.url"),
+            ("push", json!({"locale": "en"}), "recipient.device_tokens"),
             (
                 "push",
-                json!({"user_id": "u", "device_tokens": []}),
+                json!({"locale": "en", "device_tokens": []}),
                 "recipient.device_tokens",
             ),
             (
@@ -1239,7 +1239,12 @@ mod tests {
             assert!(e.message.starts_with(field), "{e}");
         }
         let batch = json!({"id": "x", "channel": "email", "content": {"text": "t"},
-                           "recipients": [{"email": "a@example.com"}, {"user_id": "u"}]});
+                           "recipients": [{"email": "a@example.com"}, {"locale": "en"}]});
+        // A user id alone is enough: the address comes from the preferences.
+        for channel in ["email", "sms", "webhook", "push"] {
+            let v = json!({"id": "x", "channel": channel, "recipient": {"user_id": "u"}, "content": {"text": "t"}});
+            assert!(decode(&v).is_ok(), "{channel}");
+        }
         let e = decode(&batch).unwrap_err();
         assert_eq!(e.code, DecodeErrorCode::MissingAddress);
         assert!(e.message.starts_with("recipients[1].email"), "{e}");

@@ -6,5 +6,6 @@
 //! HERALD_TEST_DATABASE_URL.
 
 mod helpers;
+mod policy;
 mod resilience;
 mod spine;
