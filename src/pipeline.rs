@@ -123,7 +123,7 @@ impl Pipeline {
             .inc();
         let payload = message.payload.as_deref().unwrap_or(&[]);
         let request = match decode_message(payload, self.max_request_bytes) {
-            Ok(Decoded::Notify(r)) => r,
+            Ok(Decoded::Notify(r)) => *r,
             Ok(Decoded::Cancel(c)) => return self.cancel(&c).await,
             Err(e) => return self.reject(message, &e).await,
         };
@@ -303,7 +303,11 @@ impl Pipeline {
         event.reason = Some(reason);
         event.error = error;
         event.next_attempt_at = until;
-        if due.settle(&n.id, owner, status, until, &event).await? {
+        // Waiting again exactly as before (e.g. the database clock is a
+        // little ahead of ours) is no status change: publish nothing.
+        let unchanged = status == row.status && until == row.next_attempt_at;
+        let stored = (!unchanged).then_some(&event);
+        if due.settle(&n.id, owner, status, until, stored).await? && !unchanged {
             self.publish(&event, Some(&n)).await?;
         }
         Ok(())

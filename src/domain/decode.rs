@@ -264,7 +264,7 @@ pub struct CancelRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decoded {
     /// Deliver a notification (the default kind).
-    Notify(NotificationRequest),
+    Notify(Box<NotificationRequest>),
     /// Cancel waiting notifications.
     Cancel(CancelRequest),
 }
@@ -284,7 +284,7 @@ struct WireCancel {
 /// [`decode_message`].
 pub fn decode_request(bytes: &[u8], max_bytes: usize) -> Result<NotificationRequest, DecodeError> {
     match decode_message(bytes, max_bytes)? {
-        Decoded::Notify(r) => Ok(r),
+        Decoded::Notify(r) => Ok(*r),
         Decoded::Cancel(c) => {
             let mut e = DecodeError::new(
                 DecodeErrorCode::SchemaViolation,
@@ -357,7 +357,7 @@ pub fn decode_message(bytes: &[u8], max_bytes: usize) -> Result<Decoded, DecodeE
         .with_ids(&ids)
     })?;
     wire.into_domain()
-        .map(Decoded::Notify)
+        .map(|r| Decoded::Notify(Box::new(r)))
         .map_err(|e| e.with_ids(&ids))
 }
 

@@ -23,6 +23,8 @@ pub struct DueRow {
     pub status: Status,
     /// Send attempts started so far.
     pub attempts: i32,
+    /// When it was due.
+    pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
 /// Repository of due work.
@@ -104,7 +106,8 @@ impl DueStore {
         lease: std::time::Duration,
     ) -> Result<Vec<DueRow>, StoreError> {
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-        let rows: Vec<(String, i32, Json<Notification>)> = sqlx::query_as(&format!(
+        type Row = (String, i32, Option<DateTime<Utc>>, Json<Notification>);
+        let rows: Vec<Row> = sqlx::query_as(&format!(
             r#"
             UPDATE notifications
             SET lease_owner = $1, lease_until = now() + $3 * interval '1 millisecond'
@@ -115,7 +118,7 @@ impl DueStore {
                 ORDER BY (priority = 'urgent') DESC, next_attempt_at
                 LIMIT $2
                 FOR UPDATE SKIP LOCKED)
-            RETURNING status, attempts, payload
+            RETURNING status, attempts, next_attempt_at, payload
             "#
         ))
         .bind(owner)
@@ -124,11 +127,12 @@ impl DueStore {
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(|(status, attempts, payload)| {
+            .map(|(status, attempts, next_attempt_at, payload)| {
                 Ok(DueRow {
                     notification: payload.0,
                     status: parse_status(&status)?,
                     attempts,
+                    next_attempt_at,
                 })
             })
             .collect()
@@ -169,20 +173,22 @@ impl DueStore {
 
     /// Moves a claimed due row to `status` without sending: waiting again
     /// until `next_attempt_at`, or final. Stores `event` as its last event
-    /// and releases the lease. False when `owner` no longer holds it.
+    /// and releases the lease (`event: None` keeps the last event: no
+    /// status change was published). False when `owner` no longer holds it.
     pub async fn settle(
         &self,
         id: &str,
         owner: &str,
         status: Status,
         next_attempt_at: Option<DateTime<Utc>>,
-        event: &DeliveryStatusEvent,
+        event: Option<&DeliveryStatusEvent>,
     ) -> Result<bool, StoreError> {
-        let error = event.error.as_ref();
+        let error = event.and_then(|e| e.error.as_ref());
         let done = sqlx::query(&format!(
             r#"
             UPDATE notifications
-            SET status = $3, next_attempt_at = $4, last_event = $5, error_code = $6,
+            SET status = $3, next_attempt_at = $4, last_event = COALESCE($5, last_event),
+                error_code = $6,
                 error_message = $7, lease_owner = NULL, lease_until = NULL, updated_at = now(),
                 failed_at = CASE WHEN $3 = 'failed' THEN now() ELSE failed_at END
             WHERE id = $1 AND lease_owner = $2 AND status IN {PENDING}
@@ -192,7 +198,7 @@ impl DueStore {
         .bind(owner)
         .bind(status.as_str())
         .bind(next_attempt_at)
-        .bind(Json(event))
+        .bind(event.map(Json))
         .bind(error.map(|e| e.code.as_str()))
         .bind(error.map(|e| e.message.as_str()))
         .execute(&self.pool)

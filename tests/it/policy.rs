@@ -581,19 +581,30 @@ async fn two_instances_fire_500_due_rows_each_exactly_once() {
         assert!(std::time::Instant::now() < deadline, "{n} of 500 scheduled");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    sqlx::query("UPDATE notifications SET next_attempt_at = now() WHERE status = 'scheduled'")
-        .execute(&pool)
-        .await
-        .expect("due now");
+    // An hour passes (time travel): the rows are due and their time has come.
+    sqlx::query(
+        "UPDATE notifications SET next_attempt_at = now(),
+             payload = jsonb_set(payload, '{scheduled_at}', to_jsonb(now() - interval '1 second'))
+         WHERE status = 'scheduled'",
+    )
+    .execute(&pool)
+    .await
+    .expect("due now");
     let mut out = TopicReader::new(&env.outcomes, env.partitions);
+    let all_sent = out
+        .read_until(WAIT * 2, |r| {
+            r.iter().filter(|x| x.json()["status"] == "sent").count() >= 500
+        })
+        .await;
+    let by_status: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM notifications GROUP BY status")
+            .fetch_all(&pool)
+            .await
+            .expect("count");
     assert!(
-        out.read_until(WAIT * 2, |r| r
-            .iter()
-            .filter(|x| x.json()["status"] == "sent")
-            .count()
-            >= 500)
-            .await,
-        "500 sent outcomes"
+        all_sent,
+        "500 sent outcomes; rows: {by_status:?}; sink: {}",
+        sink.received().len()
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let counts = sink.counts_by_id();
