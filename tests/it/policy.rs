@@ -625,3 +625,72 @@ async fn two_instances_fire_500_due_rows_each_exactly_once() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn due_rows_are_claimed_urgent_first_and_a_lapsed_lease_is_taken_over() {
+    use herald::domain::{DeliveryStatusEvent, Status, decode_request};
+    use herald::store::DueStore;
+
+    let env = TestEnv::new(1).await;
+    let due = DueStore::new(env.pool().await);
+    let past = (Utc::now() - chrono::Duration::seconds(5)).to_rfc3339();
+    for (id, priority) in [
+        ("normal-1", "normal"),
+        ("urgent-1", "urgent"),
+        ("normal-2", "low"),
+    ] {
+        let r = json!({
+            "id": id, "channel": "webhook", "priority": priority,
+            "recipient": { "url": "http://127.0.0.1:9/x" }, "content": { "text": "t" }
+        });
+        let n = decode_request(r.to_string().as_bytes(), 1 << 20)
+            .expect("valid")
+            .into_notifications()
+            .remove(0);
+        let event = DeliveryStatusEvent::for_notification(&n, Status::Deferred, 0);
+        let at = DateTime::parse_from_rfc3339(&past)
+            .expect("time")
+            .with_timezone(&Utc);
+        due.claim_decided(&n, Status::Deferred, Some(at), &event)
+            .await
+            .expect("insert");
+    }
+    assert_eq!(due.depth().await.expect("depth"), 3);
+
+    // Instance A claims one row (urgent first) and "crashes" with a short lease.
+    let a = due
+        .claim_batch("instance-a", 1, Duration::from_millis(300))
+        .await
+        .expect("claim");
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].notification.id, "urgent-1", "urgent is claimed first");
+    // B cannot take A's row while the lease holds...
+    let b = due
+        .claim_batch("instance-b", 10, Duration::from_secs(60))
+        .await
+        .expect("claim");
+    let ids: Vec<&str> = b.iter().map(|r| r.notification.id.as_str()).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(!ids.contains(&"urgent-1"), "{ids:?}");
+    // ... and takes it over once the lease has lapsed; A has lost it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let b2 = due
+        .claim_batch("instance-b", 10, Duration::from_secs(60))
+        .await
+        .expect("claim");
+    assert_eq!(b2.len(), 1);
+    assert_eq!(b2[0].notification.id, "urgent-1");
+    assert_eq!(
+        due.start_attempt("urgent-1", "instance-a", "webhook")
+            .await
+            .expect("start"),
+        None,
+        "the crashed owner cannot send it any more"
+    );
+    assert_eq!(
+        due.start_attempt("urgent-1", "instance-b", "webhook")
+            .await
+            .expect("start"),
+        Some(1)
+    );
+}
