@@ -3,10 +3,11 @@
 //! quiet hours, frequency caps — plus [`Policy`], which feeds the decision
 //! from cached preferences and cheap counters, and the [`Clock`] seam.
 //!
-//! Hot-path cost: a cached notification costs two hash-map look-ups; the
-//! database is asked only on a cache miss (one query for preferences, one for
-//! the suppression list, cached for `preference_cache_ttl_ms`) and, only
-//! for recipients with a frequency cap, one indexed query for recent sends.
+//! Hot-path cost: a cached recipient costs two hash-map look-ups; the
+//! database is asked only on a cache miss (one query for the preference
+//! levels and the suppression list together, cached for
+//! `preference_cache_ttl_ms`) and, only for recipients with a frequency cap,
+//! one indexed query for their recent sends.
 
 pub mod caps;
 pub mod decide;
@@ -149,13 +150,17 @@ impl Policy {
         }
     }
 
-    /// Effective preferences of `n`'s recipient (cached).
-    pub async fn preferences(&self, n: &Notification) -> Result<Preferences, StoreError> {
-        let key: PrefKey = (
+    fn key(n: &Notification) -> PrefKey {
+        (
             n.tenant_id.clone().unwrap_or_default(),
             n.recipient.user_id.clone().unwrap_or_default(),
             n.channel,
-        );
+        )
+    }
+
+    /// Effective preferences of `n`'s recipient (cached).
+    pub async fn preferences(&self, n: &Notification) -> Result<Preferences, StoreError> {
+        let key = Self::key(n);
         if let Some(p) = self.preferences.get(&key) {
             return Ok(p);
         }
@@ -164,6 +169,31 @@ impl Policy {
         let p = Preferences::resolve(&refs);
         self.preferences.put(key, p.clone());
         Ok(p)
+    }
+
+    /// Preferences plus, when the request carries its address, its
+    /// suppression status: from the caches, else in one query.
+    async fn load(&self, n: &Notification) -> Result<(Preferences, Option<bool>), StoreError> {
+        let key = Self::key(n);
+        let address = preferences::recipient_address(n);
+        let suppressed_key = address.clone().map(|a| (key.0.clone(), a));
+        let cached_suppressed = suppressed_key.as_ref().and_then(|k| self.suppressed.get(k));
+        if let Some(p) = self.preferences.get(&key) {
+            return Ok((p, cached_suppressed));
+        }
+        let ask = if cached_suppressed.is_some() {
+            None
+        } else {
+            address.as_deref()
+        };
+        let (levels, suppressed) = self.store.lookup(&key.0, &key.1, key.2, ask).await?;
+        let refs: Vec<&PreferenceRecord> = levels.iter().collect();
+        let p = Preferences::resolve(&refs);
+        self.preferences.put(key, p.clone());
+        if let (Some(k), Some(s)) = (suppressed_key, suppressed) {
+            self.suppressed.put(k, s);
+        }
+        Ok((p, cached_suppressed.or(suppressed)))
     }
 
     async fn is_suppressed(&self, tenant_id: &str, address: &str) -> Result<bool, StoreError> {
@@ -181,14 +211,19 @@ impl Policy {
     /// stored and sent).
     pub async fn evaluate(&self, n: &mut Notification) -> Result<Evaluation, StoreError> {
         let now = self.clock.now();
-        let mut prefs = self.preferences(n).await?;
+        let (mut prefs, suppressed) = self.load(n).await?;
         if !preferences::resolve_recipient(n, &prefs) {
             return Ok(Evaluation::NoAddress);
         }
-        if let Some(address) = preferences::recipient_address(n) {
-            let tenant = n.tenant_id.as_deref().unwrap_or_default();
-            prefs.address_suppressed = self.is_suppressed(tenant, &address).await?;
-        }
+        prefs.address_suppressed = match (suppressed, preferences::recipient_address(n)) {
+            (Some(s), _) => s,
+            // The address came from the preferences.
+            (None, Some(address)) => {
+                let tenant = n.tenant_id.as_deref().unwrap_or_default();
+                self.is_suppressed(tenant, &address).await?
+            }
+            (None, None) => false,
+        };
         let mut counters = Counters::default();
         if let (Some(limit), Some(user)) = (
             caps::needed(prefs.max_per_hour, prefs.max_per_day),

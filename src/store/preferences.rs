@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, NaiveTime, Utc};
 use sqlx::PgPool;
+use sqlx::types::Json;
 
 use super::StoreError;
 use crate::domain::Channel;
@@ -83,6 +84,39 @@ impl PreferenceStore {
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(record).collect()
+    }
+
+    /// [`PreferenceStore::levels`] and, when `address` is given,
+    /// [`PreferenceStore::is_suppressed`] in one round trip (a cold cache
+    /// costs one query per new recipient, not two).
+    pub async fn lookup(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+        channel: Channel,
+        address: Option<&str>,
+    ) -> Result<(Vec<PreferenceRecord>, Option<bool>), StoreError> {
+        let (suppressed, levels): (Option<bool>, Json<Vec<PreferenceRecord>>) = sqlx::query_as(
+            r#"
+            SELECT
+                CASE WHEN $4::text IS NULL THEN NULL ELSE EXISTS (
+                    SELECT 1 FROM suppressed_addresses
+                    WHERE address = $4 AND tenant_id IN ($1, '')) END,
+                COALESCE((
+                    SELECT jsonb_agg(to_jsonb(p) ORDER BY (p.tenant_id = '') ASC, (p.user_id = '') ASC)
+                    FROM preferences p
+                    WHERE p.channel = $3
+                      AND ((p.tenant_id = $1 AND p.user_id IN ($2, ''))
+                           OR (p.tenant_id = '' AND p.user_id = ''))), '[]'::jsonb)
+            "#,
+        )
+        .bind(tenant_id)
+        .bind(user_id)
+        .bind(channel.as_str())
+        .bind(address)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((levels.0, suppressed))
     }
 
     /// The stored record of exactly (tenant, user, channel).
