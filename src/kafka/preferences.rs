@@ -8,7 +8,7 @@
 //! replayed event is a no-op thanks to last-write-wins). Instances that did
 //! not consume an event see the change when their cache entry expires
 //! (`policy.preference_cache_ttl_ms`). A malformed event is logged, counted
-//! and skipped.
+//! (`herald_preference_updates_total{result="invalid"}`) and skipped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,13 +58,12 @@ pub async fn run(
             }
         };
         let topic = m.topic().to_string();
-        metrics.requests_consumed.with_label_values(&[&topic]).inc();
         match decode_update(m.payload().unwrap_or_default()) {
             Err(e) => {
                 tracing::info!(%topic, partition = m.partition(), offset = m.offset(), error = %e, "preference update skipped");
                 metrics
-                    .dead_letters
-                    .with_label_values(&["invalid_preference"])
+                    .preference_updates
+                    .with_label_values(&["invalid"])
                     .inc();
             }
             Ok(record) => {
@@ -72,7 +71,14 @@ pub async fn run(
                 let mut backoff = Duration::from_millis(50);
                 loop {
                     match policy.store().upsert(&record).await {
-                        Ok(_) => break,
+                        Ok(written) => {
+                            let result = if written { "applied" } else { "stale" };
+                            metrics
+                                .preference_updates
+                                .with_label_values(&[result])
+                                .inc();
+                            break;
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "writing a preference update failed; retrying");
                             metrics.infra_retries.with_label_values(&["database"]).inc();

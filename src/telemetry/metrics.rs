@@ -30,6 +30,9 @@ pub struct Metrics {
     /// Due rows (scheduled, deferred, throttled, retrying) whose time has come
     /// and that no scheduler holds: the due-work backlog.
     pub due_depth: IntGauge,
+    /// Preference-update events, by result (`applied`, `stale`: older than
+    /// the stored record, `invalid`: skipped).
+    pub preference_updates: IntCounterVec,
 }
 
 impl Metrics {
@@ -74,6 +77,11 @@ impl Metrics {
             "Recipient-policy decisions, by outcome and reason.",
             &["outcome", "reason"],
         );
+        let preference_updates = counter(
+            "herald_preference_updates_total",
+            "Preference-update events consumed, by result (applied, stale, invalid).",
+            &["result"],
+        );
         let send_duration = HistogramVec::new(
             HistogramOpts::new(
                 "herald_send_duration_seconds",
@@ -109,6 +117,7 @@ impl Metrics {
             registry,
             policy_decisions,
             due_depth,
+            preference_updates,
             requests_consumed,
             outcomes,
             send_duration,

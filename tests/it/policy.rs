@@ -493,6 +493,20 @@ async fn opting_out_on_the_preferences_topic_while_deferred_suppresses_at_fire_t
     assert_eq!(statuses(&events, &id), vec!["deferred", "suppressed"]);
     assert_eq!(events_of(&events, &id)[1]["reason"], "channel_disabled");
     assert!(sink.received().is_empty());
+    let metrics = reqwest::get(format!("http://{}/metrics", app.http))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        metrics.contains("herald_preference_updates_total{result=\"stale\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("herald_preference_updates_total{result=\"applied\"} 2"),
+        "{metrics}"
+    );
     app.stop().await;
 }
 
