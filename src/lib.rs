@@ -16,8 +16,10 @@
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`telemetry`]: tracing setup and Prometheus metrics.
 //! - [`app`]: wires it all together; `App::build` then `run_until_stopped`.
+//! - [`bench`]: `herald bench`, the end-to-end benchmark against baselines.
 
 pub mod app;
+pub mod bench;
 pub mod channels;
 pub mod config;
 pub mod domain;

@@ -45,6 +45,11 @@ enum Command {
     ///
     /// Example: herald send --channel email --to ada@example.com --subject Hi --text "Hello" --wait 30
     Send(Box<SendArgs>),
+    /// Benchmark a real `herald serve` process end to end against baselines
+    /// (pass-through, raw sinks, raw broker) and append the results to BENCHMARKS.md.
+    ///
+    /// Needs the local services (scripts/services.sh start) and a release build.
+    Bench(Box<herald::bench::BenchArgs>),
     /// Topic administration.
     Topics {
         #[command(subcommand)]
@@ -140,6 +145,10 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Send(args) => send(&settings, *args).await,
+            Command::Bench(args) => {
+                let line = std::env::args().collect::<Vec<_>>().join(" ");
+                herald::bench::run(&settings, *args, line).await
+            }
         }
     })
 }
