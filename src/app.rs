@@ -60,7 +60,10 @@ impl App {
         let adapters: Vec<Arc<dyn ChannelAdapter>> =
             channels::build_adapters(&settings).context("creating channel adapters")?;
         let pipeline = Arc::new(Pipeline::new(
-            NotificationStore::new(pool.clone()),
+            NotificationStore::new(
+                pool.clone(),
+                Duration::from_millis(settings.pipeline.send_lease_ms),
+            ),
             renderer,
             adapters,
             Arc::new(publisher.clone()) as Arc<dyn OutcomePublisher>,

@@ -152,6 +152,7 @@ fn read_finals(
     expected: usize,
     idle: Duration,
     stop: Arc<AtomicBool>,
+    prefix: String,
 ) -> anyhow::Result<(HashMap<String, Instant>, usize)> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -185,6 +186,9 @@ fn read_finals(
             continue;
         }
         let id = o.notification_id.unwrap_or_default();
+        if !id.starts_with(&prefix) {
+            continue;
+        }
         match events.get(&id) {
             Some(prev) if *prev != o.event_id => duplicates += 1,
             Some(_) => {}
@@ -301,8 +305,17 @@ pub async fn herald_load(
             topics.partitions,
             stop.clone(),
         );
+        let prefix = format!("{run}-");
         std::thread::spawn(move || {
-            read_finals(&b, &t, parts, expected, Duration::from_secs(60), stop)
+            read_finals(
+                &b,
+                &t,
+                parts,
+                expected,
+                Duration::from_secs(60),
+                stop,
+                prefix,
+            )
         })
     };
     let (sent, start) = produce_all(&p, &topics.requests, n, rate, |i| {
@@ -353,6 +366,17 @@ fn summarize(
         sink_http: 0,
         sink_smtp: 0,
     })
+}
+
+/// Sends a few requests and waits for their outcomes, so the consumer group
+/// has formed (a join takes seconds) before anything is measured.
+pub async fn warm_up(brokers: &str, topics: &Topics, spec: &RequestSpec) -> anyhow::Result<()> {
+    let n = (topics.partitions.max(1) as usize) * 4;
+    let r = herald_load(brokers, topics, spec, n, None).await?;
+    if r.final_distinct < n {
+        bail!("warm-up: only {} of {n} outcomes arrived", r.final_distinct);
+    }
+    Ok(())
 }
 
 /// Baseline: a bare consumer-group member that parses each request and

@@ -230,7 +230,6 @@ impl HeraldRun {
         nginx: &sinks::NginxSink,
         smtp: &sinks::SmtpSinkCounter,
     ) -> anyhow::Result<HeraldRun> {
-        let _ = nginx;
         let brokers = settings.kafka.brokers.clone();
         let topics = load::Topics::create(&brokers, args.partitions).await?;
         let db = load::create_database(&args.admin_database_url, &topics.id).await?;
@@ -290,6 +289,15 @@ impl HeraldRun {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let spec = load::RequestSpec {
+            mix: args.mix,
+            template: args.template,
+            batch: 1,
+            webhook_url: nginx.url("/warm"),
+        };
+        load::warm_up(&brokers, &topics, &spec)
+            .await
+            .context("warming up herald")?;
         let cpu_at_start = proc_cpu_seconds(child.id()).unwrap_or(0.0);
         Ok(HeraldRun {
             child,
