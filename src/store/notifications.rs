@@ -8,6 +8,7 @@ use sqlx::PgPool;
 use sqlx::types::Json;
 
 use super::StoreError;
+use super::batch::FinishBatcher;
 use crate::domain::{DeliveryStatusEvent, ErrorInfo, Notification, Status};
 
 /// What [`NotificationStore::claim`] found.
@@ -41,11 +42,20 @@ pub struct NotificationStore {
     /// How long a claimed send belongs to its claimer (longer than any send
     /// can take); a redelivery may take the send over only after it.
     send_lease: std::time::Duration,
+    /// Coalesces attempt-finishing writes.
+    finisher: FinishBatcher,
 }
 
 impl NotificationStore {
+    /// Creates the store; must be called inside a tokio runtime (it spawns
+    /// the batched writers).
     pub fn new(pool: PgPool, send_lease: std::time::Duration) -> Self {
-        NotificationStore { pool, send_lease }
+        let finisher = FinishBatcher::start(pool.clone());
+        NotificationStore {
+            pool,
+            send_lease,
+            finisher,
+        }
     }
 
     /// Inserts `n` with `status` unless a row with its id exists.
@@ -155,7 +165,8 @@ impl NotificationStore {
     }
 
     /// Finishes `attempt` of `id` and moves the notification to
-    /// `result.status`, storing `event` as its last event. One round trip.
+    /// `result.status`, storing `event` as its last event. Concurrent calls
+    /// are written together in one statement (see [`super::batch`]).
     pub async fn finish_attempt(
         &self,
         id: &str,
@@ -163,36 +174,7 @@ impl NotificationStore {
         result: &AttemptResult,
         event: &DeliveryStatusEvent,
     ) -> Result<(), StoreError> {
-        let error = result.error.as_ref();
-        sqlx::query(
-            r#"
-            WITH attempt AS (
-                UPDATE delivery_attempts
-                SET status = $3, provider_message_id = $4, error_code = $5, error_message = $6,
-                    retryable = $7, finished_at = now(), duration_ms = $8
-                WHERE notification_id = $1 AND attempt = $2
-            )
-            UPDATE notifications
-            SET status = $3, provider = $9, provider_message_id = $4, error_code = $5,
-                error_message = $6, last_event = $10, updated_at = now(), send_lease_until = NULL,
-                sent_at = CASE WHEN $3 = 'sent' THEN now() ELSE sent_at END,
-                failed_at = CASE WHEN $3 = 'failed' THEN now() ELSE failed_at END
-            WHERE id = $1
-            "#,
-        )
-        .bind(id)
-        .bind(attempt)
-        .bind(result.status.as_str())
-        .bind(&result.provider_message_id)
-        .bind(error.map(|e| e.code.as_str()))
-        .bind(error.map(|e| e.message.as_str()))
-        .bind(error.map(|e| e.retryable))
-        .bind(result.duration_ms)
-        .bind(&result.provider)
-        .bind(Json(event))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.finisher.finish(id, attempt, result, event).await
     }
 
     /// Status and attempt count of a notification (for tests and the CLI).
