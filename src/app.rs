@@ -68,7 +68,10 @@ impl App {
             channels::build_adapters(&settings).context("creating channel adapters")?;
         let due = DueStore::new(pool.clone());
         let mut pipeline = Pipeline::new(
-            NotificationStore::new(pool.clone()),
+            NotificationStore::new(
+                pool.clone(),
+                Duration::from_millis(settings.pipeline.send_lease_ms),
+            ),
             renderer,
             adapters,
             Arc::new(publisher.clone()) as Arc<dyn OutcomePublisher>,

@@ -149,6 +149,10 @@ pub struct TemplateSettings {
 pub struct PipelineSettings {
     /// Largest accepted request payload in bytes; bigger ones go to the DLQ.
     pub max_request_bytes: usize,
+    /// How long a claimed send belongs to its claimer, in milliseconds. Must
+    /// exceed the longest send (SMTP/webhook timeouts). After a crash, a
+    /// redelivered request waits this long before sending again.
+    pub send_lease_ms: u64,
 }
 
 /// Recipient policy and the due-work scheduler.
@@ -234,6 +238,7 @@ max_output_bytes = 1048576
 
 [pipeline]
 max_request_bytes = 1048576
+send_lease_ms = 30000
 
 [policy]
 enabled = true

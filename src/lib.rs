@@ -19,8 +19,10 @@
 //! - [`telemetry`]: tracing setup and Prometheus metrics.
 //! - [`cli`]: subcommands with logic of their own (`herald prefs`).
 //! - [`app`]: wires it all together; `App::build` then `run_until_stopped`.
+//! - [`bench`]: `herald bench`, the end-to-end benchmark against baselines.
 
 pub mod app;
+pub mod bench;
 pub mod channels;
 pub mod cli;
 pub mod config;

@@ -50,6 +50,11 @@ enum Command {
         #[command(subcommand)]
         command: herald::cli::prefs::PrefsCommand,
     },
+    /// Benchmark a real `herald serve` process end to end against baselines
+    /// (pass-through, raw sinks, raw broker) and append the results to BENCHMARKS.md.
+    ///
+    /// Needs the local services (scripts/services.sh start) and a release build.
+    Bench(Box<herald::bench::BenchArgs>),
     /// Topic administration.
     Topics {
         #[command(subcommand)]
@@ -146,6 +151,10 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Send(args) => send(&settings, *args).await,
             Command::Prefs { command } => herald::cli::prefs::run(&settings, command).await,
+            Command::Bench(args) => {
+                let line = std::env::args().collect::<Vec<_>>().join(" ");
+                herald::bench::run(&settings, *args, line).await
+            }
         }
     })
 }

@@ -38,6 +38,10 @@ pub enum PipelineError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Publish(#[from] PublishError),
+    /// The notification is being sent by another claimer whose lease has
+    /// not expired; retrying later either finds it finished or takes it over.
+    #[error("notification {0} is being sent by another claimer")]
+    SendInProgress(String),
 }
 
 impl PipelineError {
@@ -46,6 +50,7 @@ impl PipelineError {
         match self {
             PipelineError::Store(_) => "database",
             PipelineError::Publish(_) => "publish",
+            PipelineError::SendInProgress(_) => "send_lease",
         }
     }
 }
@@ -240,7 +245,9 @@ impl Pipeline {
                         tracing::info!(notification_id = %n.id, attempt = a, "resuming unfinished send");
                         a
                     }
-                    None => return Ok(()),
+                    // Someone holds the send (lease not expired) or it just
+                    // finished: try this message again shortly.
+                    None => return Err(PipelineError::SendInProgress(n.id.clone())),
                 }
             }
             existing => return self.already_handled(&n, existing).await,

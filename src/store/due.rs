@@ -140,7 +140,8 @@ impl DueStore {
 
     /// Moves a claimed due row to `sending` and starts attempt
     /// `attempts + 1` (written `sending` in the delivery log) in one
-    /// statement. `None` when `owner` no longer holds it (cancelled, or
+    /// statement. The scheduler's lease becomes the send lease, so a
+    /// redelivered request does not take the send over while it runs. `None` when `owner` no longer holds it (cancelled, or
     /// the lease was lost).
     pub async fn start_attempt(
         &self,
@@ -154,7 +155,7 @@ impl DueStore {
                 UPDATE notifications
                 SET attempts = attempts + 1, status = 'sending', provider = $3,
                     next_attempt_at = NULL, lease_owner = NULL, lease_until = NULL,
-                    updated_at = now()
+                    send_lease_until = lease_until, updated_at = now()
                 WHERE id = $1 AND lease_owner = $2 AND status IN {PENDING}
                 RETURNING id, attempts
             ), attempt AS (

@@ -1,6 +1,7 @@
 //! PostgreSQL repositories. Stores are concrete types over a [`PgPool`]; SQL
 //! lives here and nowhere else.
 
+mod batch;
 pub mod due;
 pub mod notifications;
 pub mod preferences;

@@ -8,6 +8,7 @@ use sqlx::PgPool;
 use sqlx::types::Json;
 
 use super::StoreError;
+use super::batch::FinishBatcher;
 use crate::domain::{DeliveryStatusEvent, ErrorInfo, Notification, Status};
 
 /// What [`NotificationStore::claim`] found.
@@ -38,11 +39,23 @@ pub struct AttemptResult {
 #[derive(Clone)]
 pub struct NotificationStore {
     pool: PgPool,
+    /// How long a claimed send belongs to its claimer (longer than any send
+    /// can take); a redelivery may take the send over only after it.
+    send_lease: std::time::Duration,
+    /// Coalesces attempt-finishing writes.
+    finisher: FinishBatcher,
 }
 
 impl NotificationStore {
-    pub fn new(pool: PgPool) -> Self {
-        NotificationStore { pool }
+    /// Creates the store; must be called inside a tokio runtime (it spawns
+    /// the batched writers).
+    pub fn new(pool: PgPool, send_lease: std::time::Duration) -> Self {
+        let finisher = FinishBatcher::start(pool.clone());
+        NotificationStore {
+            pool,
+            send_lease,
+            finisher,
+        }
     }
 
     /// Inserts `n` with `status` unless a row with its id exists.
@@ -67,9 +80,10 @@ impl NotificationStore {
                 INSERT INTO notifications (
                     id, request_id, tenant_id, app_id, channel, priority, category,
                     correlation_id, status, attempts, provider, payload, last_event,
-                    error_code, error_message, scheduled_at, expires_at, failed_at)
+                    error_code, error_message, scheduled_at, expires_at, failed_at, send_lease_until)
                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                        CASE WHEN $9 = 'failed' THEN now() END)
+                        CASE WHEN $9 = 'failed' THEN now() END,
+                        CASE WHEN $9 = 'sending' THEN now() + make_interval(secs => $18) END)
                 ON CONFLICT (id) DO NOTHING
                 RETURNING id
             ), attempt AS (
@@ -96,6 +110,7 @@ impl NotificationStore {
         .bind(error.map(|e| e.message.as_str()))
         .bind(n.scheduled_at)
         .bind(n.expires_at)
+        .bind(self.send_lease.as_secs_f64())
         .fetch_optional(&self.pool)
         .await?;
         if inserted.is_some() {
@@ -120,15 +135,19 @@ impl NotificationStore {
     }
 
     /// Takes over a notification left `sending` (or `accepted`) by a process
-    /// that stopped before finishing it: starts attempt `attempts + 1`.
-    /// Returns `None` when the row is no longer in such a state.
+    /// that stopped before finishing it — only once its send lease expired, so
+    /// a sender that is still working is never doubled. Starts attempt
+    /// `attempts + 1` under a new lease. Returns `None` when the row is not
+    /// (or not yet) available.
     pub async fn take_over(&self, id: &str, provider: &str) -> Result<Option<i32>, StoreError> {
         let attempt: Option<i32> = sqlx::query_scalar(
             r#"
             WITH upd AS (
                 UPDATE notifications
-                SET attempts = attempts + 1, status = 'sending', updated_at = now()
+                SET attempts = attempts + 1, status = 'sending', updated_at = now(),
+                    send_lease_until = now() + make_interval(secs => $3)
                 WHERE id = $1 AND status IN ('sending', 'accepted')
+                  AND (send_lease_until IS NULL OR send_lease_until < now())
                 RETURNING id, attempts
             ), attempt AS (
                 INSERT INTO delivery_attempts (notification_id, attempt, provider, status)
@@ -139,13 +158,15 @@ impl NotificationStore {
         )
         .bind(id)
         .bind(provider)
+        .bind(self.send_lease.as_secs_f64())
         .fetch_optional(&self.pool)
         .await?;
         Ok(attempt)
     }
 
     /// Finishes `attempt` of `id` and moves the notification to
-    /// `result.status`, storing `event` as its last event. One round trip.
+    /// `result.status`, storing `event` as its last event. Concurrent calls
+    /// are written together in one statement (see [`super::batch`]).
     pub async fn finish_attempt(
         &self,
         id: &str,
@@ -153,36 +174,7 @@ impl NotificationStore {
         result: &AttemptResult,
         event: &DeliveryStatusEvent,
     ) -> Result<(), StoreError> {
-        let error = result.error.as_ref();
-        sqlx::query(
-            r#"
-            WITH attempt AS (
-                UPDATE delivery_attempts
-                SET status = $3, provider_message_id = $4, error_code = $5, error_message = $6,
-                    retryable = $7, finished_at = now(), duration_ms = $8
-                WHERE notification_id = $1 AND attempt = $2
-            )
-            UPDATE notifications
-            SET status = $3, provider = $9, provider_message_id = $4, error_code = $5,
-                error_message = $6, last_event = $10, updated_at = now(),
-                sent_at = CASE WHEN $3 = 'sent' THEN now() ELSE sent_at END,
-                failed_at = CASE WHEN $3 = 'failed' THEN now() ELSE failed_at END
-            WHERE id = $1
-            "#,
-        )
-        .bind(id)
-        .bind(attempt)
-        .bind(result.status.as_str())
-        .bind(&result.provider_message_id)
-        .bind(error.map(|e| e.code.as_str()))
-        .bind(error.map(|e| e.message.as_str()))
-        .bind(error.map(|e| e.retryable))
-        .bind(result.duration_ms)
-        .bind(&result.provider)
-        .bind(Json(event))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.finisher.finish(id, attempt, result, event).await
     }
 
     /// Status and attempt count of a notification (for tests and the CLI).

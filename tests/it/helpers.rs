@@ -103,6 +103,8 @@ impl TestEnv {
                 templates.display().to_string(),
             ),
             ("HERALD_SMTP__PORT".into(), "1".into()),
+            ("HERALD_SMTP__TIMEOUT_MS".into(), "2000".into()),
+            ("HERALD_PIPELINE__SEND_LEASE_MS".into(), "3000".into()),
         ];
         for (k, val) in extra {
             v.retain(|(key, _)| key != k);

@@ -111,6 +111,20 @@ async fn send(env: &TestEnv, key: &str, v: &Value) {
     produce(&producer(), &env.requests, key, v.to_string().as_bytes()).await;
 }
 
+/// Sends one plain request and waits for its outcome, so the app has joined
+/// the group and later requests are processed within moments (tests with
+/// short real waits depend on that).
+async fn warm_up(env: &TestEnv, sink: &HttpSink, out: &mut TopicReader) {
+    let id = format!("warm-up-{}", suffix());
+    send(
+        env,
+        "warm-up",
+        &request(&id, "u-warm-up", Some(&sink.url("warm-up"))),
+    )
+    .await;
+    wait_for(out, &[(&id, "sent")]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn preferences_suppress_with_the_right_reason_and_resolve_addresses() {
     let env = TestEnv::new(2).await;
@@ -214,13 +228,15 @@ async fn quiet_hours_defer_until_the_window_ends_and_urgent_bypasses() {
     let env = TestEnv::new(2).await;
     let sink = HttpSink::start().await;
     let store = PreferenceStore::new(env.pool().await);
-    let (start, end) = window_ending_in(4);
     let mut p = prefs("acme", "u-night");
+    p.quiet_hours_timezone = Some("America/New_York".into());
+    let app = RunningApp::start(env.settings(&[])).await;
+    let mut out = TopicReader::new(&env.outcomes, env.partitions);
+    warm_up(&env, &sink, &mut out).await;
+    let (start, end) = window_ending_in(5);
     p.quiet_hours_start = Some(start);
     p.quiet_hours_end = Some(end);
-    p.quiet_hours_timezone = Some("America/New_York".into());
     store.upsert(&p).await.expect("upsert");
-    let app = RunningApp::start(env.settings(&[])).await;
 
     let s = suffix();
     let normal = format!("night-{s}");
@@ -235,7 +251,6 @@ async fn quiet_hours_defer_until_the_window_ends_and_urgent_bypasses() {
     u["priority"] = json!("urgent");
     send(&env, "acme:u-night", &u).await;
 
-    let mut out = TopicReader::new(&env.outcomes, env.partitions);
     wait_for(&mut out, &[(&normal, "deferred"), (&urgent, "sent")]).await;
     let events = out.events();
     assert_eq!(statuses(&events, &urgent), vec!["sent"], "urgent bypasses");
@@ -262,7 +277,7 @@ async fn quiet_hours_defer_until_the_window_ends_and_urgent_bypasses() {
         "fired at the window end: {sent}"
     );
     assert_eq!(sent["attempt"], 1);
-    assert_eq!(sink.received().len(), 2);
+    assert_eq!(sink.received().len(), 3, "warm-up, urgent, deferred");
     app.stop().await;
 }
 
@@ -271,13 +286,15 @@ async fn scheduled_is_sent_after_its_time_and_expiry_while_deferred_sends_nothin
     let env = TestEnv::new(2).await;
     let sink = HttpSink::start().await;
     let store = PreferenceStore::new(env.pool().await);
-    let (start, end) = window_ending_in(3);
+    let (start, end) = window_ending_in(3600);
     let mut p = prefs("acme", "u-q");
     p.quiet_hours_start = Some(start);
     p.quiet_hours_end = Some(end);
     p.quiet_hours_timezone = Some("America/New_York".into());
     store.upsert(&p).await.expect("upsert");
     let app = RunningApp::start(env.settings(&[])).await;
+    let mut out = TopicReader::new(&env.outcomes, env.partitions);
+    warm_up(&env, &sink, &mut out).await;
 
     let s = suffix();
     let scheduled = format!("sched-{s}");
@@ -287,11 +304,20 @@ async fn scheduled_is_sent_after_its_time_and_expiry_while_deferred_sends_nothin
     r["scheduled_at"] = json!(at.to_rfc3339());
     send(&env, "acme:u-s", &r).await;
     let mut e = request(&expiring, "u-q", Some(&sink.url("e")));
-    e["expires_at"] = json!((Utc::now() + chrono::Duration::seconds(1)).to_rfc3339());
+    e["expires_at"] = json!((Utc::now() + chrono::Duration::minutes(30)).to_rfc3339());
     send(&env, "acme:u-q", &e).await;
-
-    let mut out = TopicReader::new(&env.outcomes, env.partitions);
-    wait_for(&mut out, &[(&scheduled, "sent"), (&expiring, "expired")]).await;
+    wait_for(&mut out, &[(&scheduled, "sent"), (&expiring, "deferred")]).await;
+    // Its expiry passes while it waits (time travel), then it is due.
+    sqlx::query(
+        "UPDATE notifications SET next_attempt_at = now(),
+             payload = jsonb_set(payload, '{expires_at}', to_jsonb(now() - interval '1 second'))
+         WHERE id = $1",
+    )
+    .bind(&expiring)
+    .execute(&env.pool().await)
+    .await
+    .expect("time travel");
+    wait_for(&mut out, &[(&expiring, "expired")]).await;
     let events = out.events();
     assert_eq!(statuses(&events, &scheduled), vec!["scheduled", "sent"]);
     let first = &events_of(&events, &scheduled)[0];
@@ -307,7 +333,11 @@ async fn scheduled_is_sent_after_its_time_and_expiry_while_deferred_sends_nothin
     );
     assert_eq!(statuses(&events, &expiring), vec!["deferred", "expired"]);
     let received = sink.received();
-    assert_eq!(received.len(), 1, "the expired one is never sent");
+    assert_eq!(
+        received.len(),
+        2,
+        "warm-up and the scheduled one; the expired one is never sent"
+    );
     app.stop().await;
 }
 

@@ -413,3 +413,44 @@ async fn retryable_and_permanent_webhook_failures_are_reported_as_such() {
     assert_eq!(eb["error"]["retryable"], false, "{eb}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_copies_of_a_request_under_different_keys_send_once() {
+    let env = TestEnv::new(4).await;
+    let sink = HttpSink::start().await;
+    let app = RunningApp::start(env.settings(&[])).await;
+    let p = producer();
+    let ids: Vec<String> = (0..20).map(|i| format!("copy-{}-{i}", env.id)).collect();
+    // Ten copies of each request under different keys: they land on different
+    // partitions and lanes and are processed concurrently.
+    for copy in 0..10 {
+        for id in &ids {
+            let body = json!({"id": id, "channel": "webhook", "recipient": {"url": sink.url("/c")}, "content": {"text": "once"}});
+            produce(
+                &p,
+                &env.requests,
+                &format!("k-{copy}-{id}"),
+                body.to_string().as_bytes(),
+            )
+            .await;
+        }
+    }
+    let mut outcomes = TopicReader::new(&env.outcomes, 4);
+    // Every copy publishes (or re-publishes) an outcome: 200 records.
+    assert!(
+        outcomes.read_until(WAIT, |r| r.len() >= 200).await,
+        "got {}",
+        outcomes.records.len()
+    );
+    let finals = finals_by_notification(&outcomes.events());
+    let counts = sink.counts_by_id();
+    for id in &ids {
+        assert_eq!(finals[id].len(), 1, "{id}: one distinct final outcome");
+        assert_eq!(
+            counts.get(id).copied(),
+            Some(1),
+            "{id}: exactly one delivery"
+        );
+    }
+    app.stop().await;
+}

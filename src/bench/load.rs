@@ -1,0 +1,566 @@
+//! Load generation and measurement: produce requests (as fast as possible or
+//! at a fixed rate), read outcomes, and compute throughput and latency from
+//! each request's produce time to its final outcome's arrival.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use rdkafka::ClientConfig;
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{
+    BaseRecord, DefaultProducerContext, FutureProducer, FutureRecord, Producer, ThreadedProducer,
+};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use sqlx::Connection;
+
+use crate::config::Settings;
+
+/// What the benchmark sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mix {
+    Webhook,
+    Email,
+    Mixed,
+}
+
+/// How requests are built.
+pub struct RequestSpec {
+    pub mix: Mix,
+    pub template: bool,
+    pub batch: usize,
+    pub webhook_url: String,
+}
+
+/// Topics of one run.
+pub struct Topics {
+    pub id: String,
+    pub requests: String,
+    pub outcomes: String,
+    pub dlq: String,
+    pub partitions: i32,
+}
+
+impl Topics {
+    pub async fn create(brokers: &str, partitions: i32) -> anyhow::Result<Topics> {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
+        let t = Topics {
+            requests: format!("bench-{id}-requests"),
+            outcomes: format!("bench-{id}-outcomes"),
+            dlq: format!("bench-{id}-dlq"),
+            partitions,
+            id,
+        };
+        let settings = kafka_settings(brokers)?;
+        let names = vec![t.requests.clone(), t.outcomes.clone(), t.dlq.clone()];
+        crate::kafka::topics::ensure_topics(&settings.kafka, &names, partitions).await?;
+        Ok(t)
+    }
+}
+
+fn kafka_settings(brokers: &str) -> anyhow::Result<Settings> {
+    Ok(Settings::load_with_env(
+        None,
+        [("HERALD_KAFKA__BROKERS".to_string(), brokers.to_string())],
+    )?)
+}
+
+/// Creates database `bench_<id>` and returns its URL.
+pub async fn create_database(admin_url: &str, id: &str) -> anyhow::Result<String> {
+    let mut conn = sqlx::PgConnection::connect(admin_url)
+        .await
+        .context("connecting to the admin database")?;
+    let name = format!("bench_{id}");
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&mut conn)
+        .await?;
+    let base = admin_url
+        .rsplit_once('/')
+        .map(|(b, _)| b)
+        .context("admin URL has no database part")?;
+    Ok(format!("{base}/{name}"))
+}
+
+/// Latency samples in milliseconds.
+#[derive(Debug, Clone, Default)]
+pub struct Latencies(Vec<f64>);
+
+impl Latencies {
+    pub fn p(&self, q: f64) -> f64 {
+        if self.0.is_empty() {
+            return 0.0;
+        }
+        let i = ((q / 100.0) * (self.0.len() - 1) as f64).round() as usize;
+        self.0[i.min(self.0.len() - 1)]
+    }
+    pub fn max(&self) -> f64 {
+        self.0.last().copied().unwrap_or(0.0)
+    }
+}
+
+/// The outcome of one load.
+#[derive(Debug, Clone, Default)]
+pub struct LoadResult {
+    pub notifications: usize,
+    pub elapsed: Duration,
+    pub latency_ms: Latencies,
+    pub final_distinct: usize,
+    pub duplicate_finals: usize,
+    pub sink_http: usize,
+    pub sink_smtp: usize,
+}
+
+impl LoadResult {
+    pub fn rate(&self) -> f64 {
+        if self.elapsed.is_zero() {
+            0.0
+        } else {
+            self.final_distinct as f64 / self.elapsed.as_secs_f64()
+        }
+    }
+}
+
+const FINAL: &[&str] = &[
+    "sent",
+    "delivered",
+    "failed",
+    "rejected",
+    "suppressed",
+    "expired",
+    "bounced",
+    "cancelled",
+];
+
+#[derive(serde::Deserialize)]
+struct OutcomeView {
+    notification_id: Option<String>,
+    status: String,
+    event_id: String,
+}
+
+/// Reads `topic` from the beginning until `expected` distinct final outcomes
+/// arrived (or nothing new for `idle`); returns arrival time per notification.
+fn read_finals(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    expected: usize,
+    idle: Duration,
+    stop: Arc<AtomicBool>,
+    prefix: String,
+) -> anyhow::Result<(HashMap<String, Instant>, usize)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("bench-reader-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut arrivals: HashMap<String, Instant> = HashMap::with_capacity(expected);
+    let mut events: HashMap<String, String> = HashMap::with_capacity(expected);
+    let mut duplicates = 0;
+    let mut last_progress = Instant::now();
+    let mut last_print = Instant::now();
+    while arrivals.len() < expected && !stop.load(Ordering::Relaxed) {
+        if last_progress.elapsed() > idle {
+            break;
+        }
+        let Some(m) = consumer.poll(Duration::from_millis(50)) else {
+            continue;
+        };
+        let m = m?;
+        let now = Instant::now();
+        let Some(Ok(o)) = m.payload().map(serde_json::from_slice::<OutcomeView>) else {
+            continue;
+        };
+        if !FINAL.contains(&o.status.as_str()) {
+            continue;
+        }
+        let id = o.notification_id.unwrap_or_default();
+        if !id.starts_with(&prefix) {
+            continue;
+        }
+        match events.get(&id) {
+            Some(prev) if *prev != o.event_id => duplicates += 1,
+            Some(_) => {}
+            None => {
+                events.insert(id.clone(), o.event_id);
+                arrivals.insert(id, now);
+                last_progress = now;
+            }
+        }
+        if last_print.elapsed() > Duration::from_secs(2) {
+            eprintln!("  … {} / {expected} final outcomes", arrivals.len());
+            last_print = Instant::now();
+        }
+    }
+    Ok((arrivals, duplicates))
+}
+
+fn producer(brokers: &str) -> anyhow::Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .set("enable.idempotence", "true")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?)
+}
+
+/// Produces `n` payloads (`make(i) -> (id, key, payload)`) to `topic`, as fast
+/// as possible or at `rate` per second. Returns produce instants by id.
+async fn produce_all(
+    p: &FutureProducer,
+    topic: &str,
+    n: usize,
+    rate: Option<u64>,
+    make: impl Fn(usize) -> (String, String, Vec<u8>),
+) -> anyhow::Result<(HashMap<String, Instant>, Instant)> {
+    let mut sent = HashMap::with_capacity(n);
+    let mut pending = FuturesUnordered::new();
+    let start = Instant::now();
+    for i in 0..n {
+        if let Some(r) = rate {
+            let due = start + Duration::from_secs_f64(i as f64 / r as f64);
+            let now = Instant::now();
+            if due > now {
+                tokio::time::sleep(due - now).await;
+            }
+        }
+        let (id, key, payload) = make(i);
+        sent.insert(id, Instant::now());
+        let fut = p
+            .send_result(FutureRecord::to(topic).key(&key).payload(&payload))
+            .map_err(|(e, _)| e)?;
+        pending.push(fut);
+        while pending.len() > 20_000 {
+            if let Some(r) = pending.next().await {
+                r.context("delivery future")?.map_err(|(e, _)| e)?;
+            }
+        }
+    }
+    while let Some(r) = pending.next().await {
+        r.context("delivery future")?.map_err(|(e, _)| e)?;
+    }
+    Ok((sent, start))
+}
+
+fn build_request(spec: &RequestSpec, run: &str, i: usize) -> (String, String, Vec<u8>) {
+    let id = format!("{run}-{i}");
+    let email = match spec.mix {
+        Mix::Webhook => false,
+        Mix::Email => true,
+        Mix::Mixed => i % 2 == 1,
+    };
+    let user = format!("user-{}", i % 10_000);
+    let recipient = |k: usize| {
+        if email {
+            serde_json::json!({ "email": format!("{user}.{k}@example.com"), "user_id": user })
+        } else {
+            serde_json::json!({ "url": spec.webhook_url, "user_id": user })
+        }
+    };
+    let mut r = serde_json::json!({ "id": id, "tenant_id": "bench", "channel": if email { "email" } else { "webhook" } });
+    if spec.batch > 1 {
+        r["recipients"] = serde_json::Value::Array((0..spec.batch).map(recipient).collect());
+    } else {
+        r["recipient"] = recipient(0);
+    }
+    if spec.template {
+        r["template"] = if email {
+            serde_json::json!({ "key": "order_shipped", "data": { "order_id": format!("A-{i}"), "customer_name": "Ada", "items": [{"name": "Tea", "qty": 2}, {"name": "Mug"}] } })
+        } else {
+            serde_json::json!({ "key": "order_shipped", "data": { "order_id": format!("A-{i}"), "items": [{"name": "Tea"}] } })
+        };
+    } else {
+        r["content"] = serde_json::json!({ "subject": "Order shipped", "text": "Your order {{ notification.id }} is on its way." });
+    }
+    (id, format!("bench:{user}"), r.to_string().into_bytes())
+}
+
+/// Produces `n` requests to a running Herald and waits for their outcomes.
+pub async fn herald_load(
+    brokers: &str,
+    topics: &Topics,
+    spec: &RequestSpec,
+    n: usize,
+    rate: Option<u64>,
+) -> anyhow::Result<LoadResult> {
+    let run = format!("r{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    let expected = n * spec.batch.max(1);
+    let p = producer(brokers)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (b, t, parts, stop) = (
+            brokers.to_string(),
+            topics.outcomes.clone(),
+            topics.partitions,
+            stop.clone(),
+        );
+        let prefix = format!("{run}-");
+        std::thread::spawn(move || {
+            read_finals(
+                &b,
+                &t,
+                parts,
+                expected,
+                Duration::from_secs(60),
+                stop,
+                prefix,
+            )
+        })
+    };
+    let (sent, start) = produce_all(&p, &topics.requests, n, rate, |i| {
+        build_request(spec, &run, i)
+    })
+    .await?;
+    let (arrivals, duplicates) = tokio::task::spawn_blocking(move || reader.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("outcome reader panicked"))??;
+    stop.store(true, Ordering::Relaxed);
+    summarize(&sent, start, arrivals, duplicates, expected)
+}
+
+fn summarize(
+    sent: &HashMap<String, Instant>,
+    start: Instant,
+    arrivals: HashMap<String, Instant>,
+    duplicates: usize,
+    expected: usize,
+) -> anyhow::Result<LoadResult> {
+    let mut lat = Vec::with_capacity(arrivals.len());
+    let mut last = start;
+    for (id, at) in &arrivals {
+        let request_id = match sent.get(id) {
+            Some(_) => id.as_str(),
+            None => id.rsplit_once(':').map_or(id.as_str(), |(r, _)| r),
+        };
+        if let Some(t0) = sent.get(request_id) {
+            lat.push(at.saturating_duration_since(*t0).as_secs_f64() * 1000.0);
+        }
+        if *at > last {
+            last = *at;
+        }
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    if arrivals.len() < expected {
+        eprintln!(
+            "WARNING: only {} of {expected} final outcomes arrived",
+            arrivals.len()
+        );
+    }
+    Ok(LoadResult {
+        notifications: expected,
+        elapsed: last.saturating_duration_since(start),
+        latency_ms: Latencies(lat),
+        final_distinct: arrivals.len(),
+        duplicate_finals: duplicates,
+        sink_http: 0,
+        sink_smtp: 0,
+    })
+}
+
+/// Sends a few requests and waits for their outcomes, so the consumer group
+/// has formed (a join takes seconds) before anything is measured.
+pub async fn warm_up(brokers: &str, topics: &Topics, spec: &RequestSpec) -> anyhow::Result<()> {
+    let n = (topics.partitions.max(1) as usize) * 4;
+    let r = herald_load(brokers, topics, spec, n, None).await?;
+    if r.final_distinct < n {
+        bail!("warm-up: only {} of {n} outcomes arrived", r.final_distinct);
+    }
+    Ok(())
+}
+
+/// Baseline: a bare consumer-group member that parses each request and
+/// produces one small event per message (no database, no send).
+pub async fn passthrough(
+    brokers: &str,
+    partitions: i32,
+    n: usize,
+    rate: Option<u64>,
+) -> anyhow::Result<LoadResult> {
+    let topics = Topics::create(brokers, partitions).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let (b, input, output, stop) = (
+            brokers.to_string(),
+            topics.requests.clone(),
+            topics.outcomes.clone(),
+            stop.clone(),
+        );
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &b)
+                .set("group.id", format!("bench-pt-{}", uuid::Uuid::new_v4()))
+                .set("auto.offset.reset", "earliest")
+                .set("fetch.wait.max.ms", "5")
+                .create()?;
+            consumer.subscribe(&[&input])?;
+            let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+                .set("bootstrap.servers", &b)
+                .set("linger.ms", "5")
+                .set("queue.buffering.max.messages", "1000000")
+                .create()?;
+            while !stop.load(Ordering::Relaxed) {
+                let Some(m) = consumer.poll(Duration::from_millis(50)) else {
+                    continue;
+                };
+                let m = m?;
+                let id = m
+                    .payload()
+                    .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+                    .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string))
+                    .unwrap_or_default();
+                let event =
+                    serde_json::json!({ "notification_id": id, "status": "sent", "event_id": id })
+                        .to_string();
+                let mut record = BaseRecord::to(&output).key(&id).payload(&event);
+                loop {
+                    match producer.send(record) {
+                        Ok(()) => break,
+                        Err((_, r)) => {
+                            record = r;
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+            }
+            let _ = producer.flush(Duration::from_secs(10));
+            Ok(())
+        })
+    };
+    let spec = RequestSpec {
+        mix: Mix::Webhook,
+        template: false,
+        batch: 1,
+        webhook_url: "http://127.0.0.1:9/".into(),
+    };
+    let r = herald_load(brokers, &topics, &spec, n, rate).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    r
+}
+
+/// Baseline: the broker's raw produce rate and a plain consumer's read rate.
+pub async fn raw_broker(brokers: &str, partitions: i32, n: usize) -> anyhow::Result<(f64, f64)> {
+    let topics = Topics::create(brokers, partitions).await?;
+    let p = producer(brokers)?;
+    let payload = vec![b'x'; 300];
+    let (_, start) = produce_all(&p, &topics.requests, n, None, |i| {
+        (i.to_string(), i.to_string(), payload.clone())
+    })
+    .await?;
+    let produce_rate = n as f64 / start.elapsed().as_secs_f64();
+    let (b, t) = (brokers.to_string(), topics.requests.clone());
+    let consume_rate = tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &b)
+            .set("group.id", format!("bench-raw-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "5")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for part in 0..partitions {
+            tpl.add_partition_offset(&t, part, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let start = Instant::now();
+        let mut got = 0;
+        while got < n {
+            if start.elapsed() > Duration::from_secs(120) {
+                bail!("raw consume: only {got} of {n} in 120 s");
+            }
+            if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+                m?;
+                got += 1;
+            }
+        }
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    })
+    .await??;
+    Ok((produce_rate, consume_rate))
+}
+
+/// Baseline: reqwest POSTs straight to nginx, 256 at a time.
+pub async fn raw_http(url: &str, n: usize) -> anyhow::Result<f64> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(512)
+        .build()?;
+    let start = Instant::now();
+    let results: Vec<bool> = futures::stream::iter(0..n)
+        .map(|i| {
+            let c = client.clone();
+            let body = format!("{{\"i\":{i}}}");
+            async move {
+                c.post(url)
+                    .body(body)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    let ok = results.iter().filter(|b| **b).count();
+    if ok < n {
+        bail!("raw HTTP: {} of {n} failed", n - ok);
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Baseline: Herald's SMTP adapter (lettre on nodelay connections, pool of
+/// 16) straight to smtp-sink, 64 at a time.
+pub async fn raw_smtp(settings: &Settings, port: u16, n: usize) -> anyhow::Result<f64> {
+    use crate::channels::ChannelAdapter;
+    let mut smtp = settings.smtp.clone();
+    smtp.host = "127.0.0.1".into();
+    smtp.port = port;
+    smtp.pool_size = 16;
+    let adapter = crate::channels::smtp::SmtpAdapter::new(&smtp)?;
+    let content = crate::render::RenderedContent {
+        subject: Some("bench".into()),
+        text: Some("hello".into()),
+        ..Default::default()
+    };
+    let make = |i: usize| crate::domain::Notification {
+        id: format!("raw-{i}"),
+        request_id: format!("raw-{i}"),
+        tenant_id: None,
+        app_id: None,
+        channel: crate::domain::Channel::Email,
+        recipient: crate::domain::Recipient {
+            email: crate::domain::EmailAddress::parse("sink@example.com").ok(),
+            ..Default::default()
+        },
+        content: crate::domain::Content::Inline(Default::default()),
+        priority: Default::default(),
+        category: None,
+        scheduled_at: None,
+        expires_at: None,
+        meta: Default::default(),
+        correlation_id: None,
+    };
+    let start = Instant::now();
+    let results: Vec<bool> = futures::stream::iter(0..n)
+        .map(|i| {
+            let (a, c, notification) = (&adapter, &content, make(i));
+            async move { a.send(&notification, c).await.is_ok() }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let ok = results.iter().filter(|b| **b).count();
+    if ok < n {
+        bail!("raw SMTP: {} of {n} failed", n - ok);
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}

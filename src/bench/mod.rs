@@ -1,0 +1,508 @@
+//! `herald bench`: end-to-end throughput and latency of a real `herald serve`
+//! process against the local broker, PostgreSQL and fast sinks, next to
+//! baselines measured in the same run on the same broker: a bare
+//! consume→produce pass-through and the raw sink rates.
+//!
+//! Layout: [`sinks`] starts nginx and smtp-sink; [`load`] produces requests
+//! and reads outcomes with per-message latency; this file runs the phases and
+//! writes the report.
+
+pub mod load;
+pub mod sinks;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::config::Settings;
+use load::{LoadResult, Mix};
+
+/// Options of one benchmark run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Requests per run.
+    #[arg(long, default_value_t = 100_000)]
+    pub requests: usize,
+    /// Partitions of the benchmark topics.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+    /// What to send: webhook, email or mixed (alternating).
+    #[arg(long, value_enum, default_value_t = Mix::Webhook)]
+    pub mix: Mix,
+    /// Render a template (`order_shipped` / `welcome`) instead of inline content.
+    #[arg(long)]
+    pub template: bool,
+    /// Recipients per request (batch requests when > 1).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// The herald binary to run (default: target/release/herald).
+    #[arg(long)]
+    pub herald_bin: Option<PathBuf>,
+    /// PostgreSQL URL of an admin database; a fresh database is created per run.
+    #[arg(
+        long,
+        env = "HERALD_TEST_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:55432/postgres"
+    )]
+    pub admin_database_url: String,
+    /// Skip the baselines (pass-through, raw sinks, raw broker).
+    #[arg(long)]
+    pub skip_baselines: bool,
+    /// Skip the fixed-rate run at half the measured maximum.
+    #[arg(long)]
+    pub skip_fixed_rate: bool,
+    /// Soak: run this many requests at a fixed rate (--soak-rate) and sample RSS.
+    #[arg(long)]
+    pub soak: Option<usize>,
+    #[arg(long, default_value_t = 10_000)]
+    pub soak_rate: u64,
+    /// Append the results to this file (Markdown).
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub out: PathBuf,
+    /// Extra HERALD_* settings for the herald process, KEY=VALUE.
+    #[arg(long = "set", value_parser = parse_kv)]
+    pub set: Vec<(String, String)>,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+/// Runs the benchmark and appends the report to `args.out`.
+pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> anyhow::Result<()> {
+    let brokers = settings.kafka.brokers.clone();
+    let bin = args
+        .herald_bin
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("target/release/herald"));
+    if !bin.exists() {
+        bail!(
+            "{} not found: run `cargo build --release` first or pass --herald-bin",
+            bin.display()
+        );
+    }
+    let nginx = sinks::NginxSink::start()?;
+    let smtp = sinks::SmtpSinkCounter::start()?;
+    let mut report = Report::new(&args, command_line);
+    eprintln!(
+        "sinks: nginx 127.0.0.1:{}, smtp-sink 127.0.0.1:{}",
+        nginx.port, smtp.port
+    );
+
+    if !args.skip_baselines {
+        eprintln!(
+            "== baseline: raw broker produce/consume ({} messages)",
+            args.requests
+        );
+        let (p, c) = load::raw_broker(&brokers, args.partitions, args.requests).await?;
+        report.line("broker raw produce", format!("{p:.0} msg/s"));
+        report.line("broker raw consume", format!("{c:.0} msg/s"));
+        eprintln!(
+            "== baseline: pass-through consume→produce ({} messages)",
+            args.requests
+        );
+        let pt = load::passthrough(&brokers, args.partitions, args.requests, None).await?;
+        report.pass_through = Some(pt.rate());
+        report.result("pass-through (max rate)", &pt);
+        let n_http = args.requests.min(50_000);
+        eprintln!("== baseline: reqwest → nginx ({n_http} requests)");
+        let http = load::raw_http(&nginx.url("/raw"), n_http).await?;
+        report.raw_http = Some(http);
+        report.line("raw reqwest → nginx", format!("{http:.0} req/s"));
+        let n_smtp = args.requests.min(20_000);
+        eprintln!("== baseline: lettre (nodelay pool of 16) → smtp-sink ({n_smtp} messages)");
+        let smtp_rate = load::raw_smtp(settings, smtp.port, n_smtp).await?;
+        report.raw_smtp = Some(smtp_rate);
+        report.line("raw lettre → smtp-sink", format!("{smtp_rate:.0} msg/s"));
+    }
+
+    eprintln!(
+        "== herald: {} requests, mix {:?}, as fast as possible",
+        args.requests, args.mix
+    );
+    let run = HeraldRun::start(&bin, settings, &args, &nginx, &smtp).await?;
+    let result = run.load(args.requests, None, &nginx, &smtp).await?;
+    let stats = run.stop()?;
+    report.herald = Some(result.rate());
+    report.result("herald (max rate)", &result);
+    report.process("herald process", &stats, result.notifications);
+    report.counts(&result);
+
+    if !args.skip_fixed_rate && result.rate() > 0.0 {
+        let rate = (result.rate() / 2.0).max(1.0) as u64;
+        let n = (rate as usize * 10).clamp(1000, args.requests.max(1000));
+        eprintln!("== fixed rate {rate}/s ({n} requests): herald, then pass-through");
+        let run = HeraldRun::start(&bin, settings, &args, &nginx, &smtp).await?;
+        let fixed = run.load(n, Some(rate), &nginx, &smtp).await?;
+        let _ = run.stop()?;
+        report.result(&format!("herald at {rate}/s"), &fixed);
+        if !args.skip_baselines {
+            let pt = load::passthrough(&brokers, args.partitions, n, Some(rate)).await?;
+            report.result(&format!("pass-through at {rate}/s"), &pt);
+        }
+    }
+
+    if let Some(n) = args.soak {
+        eprintln!(
+            "== soak: {n} requests at {}/s, sampling RSS",
+            args.soak_rate
+        );
+        let run = HeraldRun::start(&bin, settings, &args, &nginx, &smtp).await?;
+        let pid = run.child.id();
+        let sampler = std::thread::spawn(move || sample_rss(pid));
+        let soak = run.load(n, Some(args.soak_rate), &nginx, &smtp).await?;
+        let stats = run.stop()?;
+        let samples = sampler.join().unwrap_or_default();
+        report.result("soak", &soak);
+        report.process("soak process", &stats, soak.notifications);
+        report.rss_samples(&samples);
+    }
+
+    let text = report.render();
+    println!("{text}");
+    let mut existing =
+        std::fs::read_to_string(&args.out).unwrap_or_else(|_| "# Benchmarks\n".to_string());
+    existing.push_str(&text);
+    std::fs::write(&args.out, existing)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("appended to {}", args.out.display());
+    Ok(())
+}
+
+/// RSS samples (seconds since start, KiB) every 2 s until the process exits.
+fn sample_rss(pid: u32) -> Vec<(u64, u64)> {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    while let Some(rss) = proc_status_kib(pid, "VmRSS:") {
+        out.push((start.elapsed().as_secs(), rss));
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    out
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// CPU seconds (user + system) of a process from /proc/PID/stat.
+fn proc_cpu_seconds(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0) // USER_HZ is 100 on Linux
+}
+
+/// CPU and memory of a finished herald run.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessStats {
+    pub cpu_seconds: f64,
+    pub peak_rss_kib: u64,
+}
+
+/// A `herald serve` process with its own topics and database.
+struct HeraldRun {
+    child: Child,
+    topics: load::Topics,
+    mix: Mix,
+    template: bool,
+    batch: usize,
+    brokers: String,
+    cpu_at_start: f64,
+}
+
+impl HeraldRun {
+    async fn start(
+        bin: &std::path::Path,
+        settings: &Settings,
+        args: &BenchArgs,
+        nginx: &sinks::NginxSink,
+        smtp: &sinks::SmtpSinkCounter,
+    ) -> anyhow::Result<HeraldRun> {
+        let brokers = settings.kafka.brokers.clone();
+        let topics = load::Topics::create(&brokers, args.partitions).await?;
+        let db = load::create_database(&args.admin_database_url, &topics.id).await?;
+        let http_port = sinks::free_port()?;
+        let mut env: Vec<(String, String)> = vec![
+            ("HERALD_KAFKA__BROKERS".into(), brokers.clone()),
+            (
+                "HERALD_KAFKA__REQUEST_TOPICS".into(),
+                topics.requests.clone(),
+            ),
+            (
+                "HERALD_KAFKA__OUTCOME_TOPIC".into(),
+                topics.outcomes.clone(),
+            ),
+            ("HERALD_KAFKA__DLQ_TOPIC".into(), topics.dlq.clone()),
+            (
+                "HERALD_KAFKA__GROUP_ID".into(),
+                format!("bench-{}", topics.id),
+            ),
+            ("HERALD_DATABASE__URL".into(), db),
+            ("HERALD_HTTP__BIND".into(), format!("127.0.0.1:{http_port}")),
+            ("HERALD_SMTP__HOST".into(), "127.0.0.1".into()),
+            ("HERALD_SMTP__PORT".into(), smtp.port.to_string()),
+            (
+                "HERALD_WEBHOOK__ALLOW_PRIVATE_TARGETS".into(),
+                "true".into(),
+            ),
+            (
+                "HERALD_WEBHOOK__SIGNING_SECRET".into(),
+                "bench-secret".into(),
+            ),
+        ];
+        env.extend(args.set.iter().cloned());
+        let child = Command::new(bin)
+            .arg("serve")
+            .envs(env)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        // Ready when /readyz answers 200.
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ok = client
+                .get(format!("http://127.0.0.1:{http_port}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("herald did not become ready within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let spec = load::RequestSpec {
+            mix: args.mix,
+            template: args.template,
+            batch: 1,
+            webhook_url: nginx.url("/warm"),
+        };
+        load::warm_up(&brokers, &topics, &spec)
+            .await
+            .context("warming up herald")?;
+        let cpu_at_start = proc_cpu_seconds(child.id()).unwrap_or(0.0);
+        Ok(HeraldRun {
+            child,
+            topics,
+            mix: args.mix,
+            template: args.template,
+            batch: args.batch,
+            brokers,
+            cpu_at_start,
+        })
+    }
+
+    async fn load(
+        &self,
+        n: usize,
+        rate: Option<u64>,
+        nginx: &sinks::NginxSink,
+        smtp: &sinks::SmtpSinkCounter,
+    ) -> anyhow::Result<LoadResult> {
+        let (http_before, smtp_before) = (nginx.count(), smtp.count());
+        let spec = load::RequestSpec {
+            mix: self.mix,
+            template: self.template,
+            batch: self.batch,
+            webhook_url: nginx.url("/hook"),
+        };
+        let mut r = load::herald_load(&self.brokers, &self.topics, &spec, n, rate).await?;
+        // nginx flushes its log every second
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        r.sink_http = nginx.count().saturating_sub(http_before);
+        r.sink_smtp = smtp.count().saturating_sub(smtp_before);
+        Ok(r)
+    }
+
+    fn stop(mut self) -> anyhow::Result<ProcessStats> {
+        let pid = self.child.id();
+        let cpu = proc_cpu_seconds(pid).unwrap_or(0.0) - self.cpu_at_start;
+        let peak = proc_status_kib(pid, "VmHWM:").unwrap_or(0);
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+        let _ = self.child.wait();
+        Ok(ProcessStats {
+            cpu_seconds: cpu,
+            peak_rss_kib: peak,
+        })
+    }
+}
+
+/// Collects results and renders the Markdown section.
+struct Report {
+    header: String,
+    lines: Vec<(String, String)>,
+    pass_through: Option<f64>,
+    herald: Option<f64>,
+    raw_http: Option<f64>,
+    raw_smtp: Option<f64>,
+    mix: Mix,
+}
+
+impl Report {
+    fn new(args: &BenchArgs, command_line: String) -> Report {
+        let commit = Command::new("git")
+            .args(["rev-parse", "--short", "HEAD"])
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let mem_kib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .next()?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0);
+        let header = format!(
+            "\n## {} — commit {commit}\n\nMachine: {cores} cores, {:.0} GiB. Broker, PostgreSQL, sinks, load generator and Herald co-located.\n\nCommand: `{command_line}`\n\nMix: {:?}, template: {}, batch: {}, partitions: {}, requests: {}\n\n",
+            chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+            mem_kib as f64 / 1024.0 / 1024.0,
+            args.mix,
+            args.template,
+            args.batch,
+            args.partitions,
+            args.requests,
+        );
+        Report {
+            header,
+            lines: Vec::new(),
+            pass_through: None,
+            herald: None,
+            raw_http: None,
+            raw_smtp: None,
+            mix: args.mix,
+        }
+    }
+
+    fn line(&mut self, what: &str, value: String) {
+        self.lines.push((what.to_string(), value));
+    }
+
+    fn result(&mut self, what: &str, r: &LoadResult) {
+        let l = &r.latency_ms;
+        self.line(
+            what,
+            format!(
+                "{:.0} notifications/s over {:.2} s; latency ms p50 {:.1} p90 {:.1} p99 {:.1} p99.9 {:.1} max {:.1}",
+                r.rate(),
+                r.elapsed.as_secs_f64(),
+                l.p(50.0),
+                l.p(90.0),
+                l.p(99.0),
+                l.p(99.9),
+                l.max()
+            ),
+        );
+    }
+
+    fn process(&mut self, what: &str, s: &ProcessStats, notifications: usize) {
+        let per = if notifications > 0 {
+            s.cpu_seconds * 1e6 / notifications as f64
+        } else {
+            0.0
+        };
+        self.line(
+            what,
+            format!(
+                "{:.2} CPU s ({per:.0} µs/notification), peak RSS {:.1} MiB",
+                s.cpu_seconds,
+                s.peak_rss_kib as f64 / 1024.0
+            ),
+        );
+    }
+
+    fn counts(&mut self, r: &LoadResult) {
+        let ok = r.final_distinct == r.notifications && r.duplicate_finals == 0;
+        let sink = match self.mix {
+            Mix::Webhook => r.sink_http == r.notifications,
+            Mix::Email => r.sink_smtp == r.notifications,
+            Mix::Mixed => r.sink_http + r.sink_smtp == r.notifications,
+        };
+        self.line(
+            "count check",
+            format!(
+                "{} final outcomes for {} notifications ({} duplicate finals), sinks saw http {} + smtp {}: {}",
+                r.final_distinct,
+                r.notifications,
+                r.duplicate_finals,
+                r.sink_http,
+                r.sink_smtp,
+                if ok && sink { "OK" } else { "MISMATCH" }
+            ),
+        );
+    }
+
+    fn rss_samples(&mut self, samples: &[(u64, u64)]) {
+        let mibs: Vec<String> = samples
+            .iter()
+            .map(|(t, k)| format!("{t}s:{:.0}", *k as f64 / 1024.0))
+            .collect();
+        let min = samples.iter().map(|s| s.1).min().unwrap_or(0) as f64 / 1024.0;
+        let max = samples.iter().map(|s| s.1).max().unwrap_or(0) as f64 / 1024.0;
+        let half = samples.len() / 2;
+        let first = samples
+            .iter()
+            .take(half.max(1))
+            .map(|s| s.1)
+            .max()
+            .unwrap_or(0) as f64
+            / 1024.0;
+        let second = samples.iter().skip(half).map(|s| s.1).max().unwrap_or(0) as f64 / 1024.0;
+        self.line("soak RSS MiB (t:MiB)", mibs.join(" "));
+        self.line(
+            "soak RSS flat?",
+            format!("min {min:.0} max {max:.0}; max first half {first:.0} vs second half {second:.0}: {}",
+                if second <= first * 1.1 + 2.0 { "flat" } else { "GROWING" }),
+        );
+    }
+
+    fn render(&self) -> String {
+        let mut s = self.header.clone();
+        s.push_str("| measurement | result |\n|---|---|\n");
+        for (k, v) in &self.lines {
+            s.push_str(&format!("| {k} | {v} |\n"));
+        }
+        if let (Some(h), Some(p)) = (self.herald, self.pass_through) {
+            s.push_str(&format!("| herald / pass-through | {:.2} |\n", h / p));
+        }
+        match self.mix {
+            Mix::Webhook => {
+                if let (Some(h), Some(r)) = (self.herald, self.raw_http) {
+                    s.push_str(&format!("| herald / raw HTTP sink rate | {:.2} |\n", h / r));
+                }
+            }
+            Mix::Email | Mix::Mixed => {
+                if let (Some(h), Some(r)) = (self.herald, self.raw_smtp) {
+                    s.push_str(&format!("| herald / raw SMTP sink rate | {:.2} |\n", h / r));
+                }
+            }
+        }
+        s
+    }
+}
