@@ -662,7 +662,7 @@ async fn pagination_is_stable_under_concurrent_inserts_and_filters_combine() {
     let admin = k.admin.as_str();
 
     let submit = |i: usize, batch: &'static str| {
-        let (channel, recipient) = if i % 3 == 0 {
+        let (channel, recipient) = if i.is_multiple_of(3) {
             (
                 "email",
                 json!({"email": "a@example.com", "user_id": format!("u-{}", i % 2)}),
@@ -673,9 +673,13 @@ async fn pagination_is_stable_under_concurrent_inserts_and_filters_combine() {
                 json!({"url": sink.url("/p"), "user_id": format!("u-{}", i % 2)}),
             )
         };
-        let tenant = if i % 2 == 0 { "acme" } else { "globex" };
+        let tenant = if i.is_multiple_of(2) {
+            "acme"
+        } else {
+            "globex"
+        };
         json!({"id": format!("{batch}-{i:02}-{}", suffix()), "tenant_id": tenant, "channel": channel,
-               "priority": if i % 4 == 0 { "high" } else { "normal" },
+               "priority": if i.is_multiple_of(4) { "high" } else { "normal" },
                "recipient": recipient, "content": {"subject": "s", "text": "t"}})
     };
     let mut first = Vec::new();
