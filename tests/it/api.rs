@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 use herald::http::api::auth::{self, Role};
+use herald::templates::{TemplateContent, TemplateStore};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -123,7 +124,9 @@ async fn preview_text(api: &Api, admin: &str, body: Value) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn template_versions_and_resolution_chain() {
     let env = TestEnv::new(1).await;
-    let app = RunningApp::start(env.settings(&[])).await;
+    let app =
+        RunningApp::start(env.settings(&[("HERALD_TEMPLATE_STORE__REFRESH_MS", "200".into())]))
+            .await;
     let api = Api::new(&app);
     let k = keys(&env).await;
     let admin = k.admin.as_str();
@@ -305,6 +308,26 @@ async fn template_versions_and_resolution_chain() {
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["items"].as_array().map(Vec::len), Some(3), "{v}");
+
+    // A write by another instance (straight to the store, not through this
+    // app's API) is picked up by the periodic reload.
+    let store = TemplateStore::new(env.pool().await);
+    store
+        .update(
+            id,
+            None,
+            &TemplateContent {
+                body_template: Some("v3 {{ name }}".into()),
+                ..TemplateContent::default()
+            },
+        )
+        .await
+        .expect("update");
+    let deadline = Instant::now() + WAIT;
+    while preview_text(&api, admin, by_key.clone()).await != "v3 Ana" {
+        assert!(Instant::now() < deadline, "the reload never picked up v3");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     app.stop().await;
 }
 
