@@ -9,11 +9,12 @@
 //! - [`config`]: layered settings (defaults, `herald.toml`, `HERALD_*`), secrets redacted.
 //! - [`domain`]: the one place raw bytes become valid values (requests, addresses, statuses, outcome events).
 //! - [`render`]: inline content and `templates/` files rendered with minijinja.
+//! - [`templates`]: the PostgreSQL template store (versions, resolution chain, cached renderer).
 //! - [`channels`]: the `ChannelAdapter` trait and one file per adapter (SMTP, webhook).
 //! - [`store`]: PostgreSQL repositories (notifications, delivery attempts).
 //! - [`kafka`]: consumer (partition workers, rebalance drain), in-order offset tracker, producer.
 //! - [`pipeline`]: one request through claim → render → send → persist → publish.
-//! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics`; [`http::api`]: the admin/query API (`/v1/…`, bearer keys).
 //! - [`telemetry`]: tracing setup and Prometheus metrics.
 //! - [`app`]: wires it all together; `App::build` then `run_until_stopped`.
 //! - [`bench`]: `herald bench`, the end-to-end benchmark against baselines.
@@ -29,3 +30,4 @@ pub mod pipeline;
 pub mod render;
 pub mod store;
 pub mod telemetry;
+pub mod templates;

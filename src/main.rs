@@ -1,4 +1,7 @@
-//! The `herald` command line: `serve`, `migrate`, `send`, `topics ensure`.
+//! The `herald` command line: `serve`, `migrate`, `send`, `topics ensure`,
+//! `keys`, `templates` (the last two in `cli/`).
+
+mod cli;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -54,6 +57,16 @@ enum Command {
     Topics {
         #[command(subcommand)]
         command: TopicsCommand,
+    },
+    /// API keys for the admin/query API.
+    Keys {
+        #[command(subcommand)]
+        command: cli::keys::KeysCommand,
+    },
+    /// The template store: sync the shipped files, render a template.
+    Templates {
+        #[command(subcommand)]
+        command: cli::templates::TemplatesCommand,
     },
 }
 
@@ -149,6 +162,8 @@ fn main() -> anyhow::Result<()> {
                 let line = std::env::args().collect::<Vec<_>>().join(" ");
                 herald::bench::run(&settings, *args, line).await
             }
+            Command::Keys { command } => cli::keys::run(&settings, command).await,
+            Command::Templates { command } => cli::templates::run(&settings, command).await,
         }
     })
 }
