@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::channels::{self, ChannelAdapter};
 use crate::config::Settings;
+use crate::http::api::{self, ApiState};
 use crate::http::{self, HttpState};
 use crate::kafka::consumer::RequestConsumer;
 use crate::kafka::{KafkaPublisher, OutcomePublisher, topics};
@@ -23,6 +24,7 @@ use crate::render::Renderer;
 use crate::scheduler::{Scheduler, SchedulerSettings};
 use crate::store::{self, DueStore, NotificationStore, PreferenceStore};
 use crate::telemetry::Metrics;
+use crate::templates::{StoreRenderer, TemplateStore};
 
 /// A built, not yet running, Herald instance.
 pub struct App {
@@ -37,6 +39,8 @@ pub struct App {
     scheduler: Scheduler,
     /// Preference updates from `kafka.preference_topic`, when configured.
     preferences: Option<(rdkafka::consumer::StreamConsumer, Arc<Policy>)>,
+    /// Stored templates: the pipeline's renderer (when enabled) and the API's.
+    templates: Arc<StoreRenderer>,
 }
 
 impl App {
@@ -61,9 +65,24 @@ impl App {
         crate::domain::check_schemas()
             .map_err(anyhow::Error::msg)
             .context("embedded JSON Schemas")?;
-        let renderer: Arc<dyn Renderer> = Arc::new(
-            crate::render::FileRenderer::new(&settings.templates).context("loading templates")?,
-        );
+        let files =
+            crate::render::FileRenderer::new(&settings.templates).context("loading templates")?;
+        let templates = Arc::new(StoreRenderer::new(
+            TemplateStore::new(pool.clone()),
+            files.clone(),
+            &settings.templates,
+        ));
+        if settings.template_store.enabled
+            && let Err(e) = templates.refresh().await
+        {
+            // Not fatal: the periodic reload retries; until then files serve.
+            tracing::warn!(error = %e, "loading stored templates failed");
+        }
+        let renderer: Arc<dyn Renderer> = if settings.template_store.enabled {
+            templates.clone()
+        } else {
+            Arc::new(files)
+        };
         let adapters: Vec<Arc<dyn ChannelAdapter>> =
             channels::build_adapters(&settings).context("creating channel adapters")?;
         let due = DueStore::new(pool.clone());
@@ -121,6 +140,7 @@ impl App {
             metrics,
             scheduler,
             preferences,
+            templates,
         })
     }
 
@@ -144,8 +164,29 @@ impl App {
             pool: self.pool.clone(),
             broker_probe: self.consumer.prober(),
         };
+        let api_state = ApiState {
+            pool: self.pool.clone(),
+            producer: self.publisher.producer().clone(),
+            request_topic: self
+                .settings
+                .kafka
+                .request_topics
+                .first()
+                .cloned()
+                .unwrap_or_default(),
+            templates: self.templates.clone(),
+            template_store: TemplateStore::new(self.pool.clone()),
+            settings: Arc::new(self.settings.clone()),
+        };
+        if self.settings.template_store.enabled {
+            self.templates.spawn_refresh(
+                Duration::from_millis(self.settings.template_store.refresh_ms),
+                token.clone(),
+            );
+        }
         let http_token = token.clone();
-        let server = axum::serve(self.listener, http::router(http_state))
+        let router = http::router(http_state).merge(api::router(api_state));
+        let server = axum::serve(self.listener, router)
             .with_graceful_shutdown(async move { http_token.cancelled().await });
         let http_task = tokio::spawn(async move { server.await });
 

@@ -24,6 +24,8 @@ pub struct Settings {
     pub templates: TemplateSettings,
     pub pipeline: PipelineSettings,
     pub policy: PolicySettings,
+    pub template_store: TemplateStoreSettings,
+    pub api: ApiSettings,
 }
 
 /// Kafka client and topic settings.
@@ -183,6 +185,30 @@ pub struct PolicySettings {
     pub scheduler_lease_ms: u64,
 }
 
+/// The PostgreSQL template store (see `crate::templates`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateStoreSettings {
+    /// Render stored templates (falling back to the files). Off: files only,
+    /// the store is neither loaded nor consulted.
+    pub enabled: bool,
+    /// How often the in-memory copy of the active templates is reloaded, in
+    /// milliseconds. Writes through this instance's API reload it at once;
+    /// other instances see a write after at most this long.
+    pub refresh_ms: u64,
+}
+
+/// The admin/query HTTP API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSettings {
+    /// Largest accepted request body, in bytes (413 above).
+    pub max_body_bytes: usize,
+    /// Default and largest page size of list endpoints.
+    pub default_page_size: i64,
+    pub max_page_size: i64,
+}
+
 /// Errors loading settings.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -250,6 +276,15 @@ opt_in_required_categories = ["marketing"]
 scheduler_interval_ms = 250
 scheduler_batch_size = 100
 scheduler_lease_ms = 60000
+
+[template_store]
+enabled = true
+refresh_ms = 5000
+
+[api]
+max_body_bytes = 1048576
+default_page_size = 50
+max_page_size = 500
 "#;
 
 impl Settings {
@@ -322,6 +357,12 @@ impl Settings {
             return bad(
                 "policy.scheduler_batch_size and policy.scheduler_interval_ms must be at least 1",
             );
+        }
+        if self.template_store.refresh_ms == 0 {
+            return bad("template_store.refresh_ms must be at least 1");
+        }
+        if self.api.default_page_size < 1 || self.api.max_page_size < self.api.default_page_size {
+            return bad("api.default_page_size must be at least 1 and at most api.max_page_size");
         }
         if self.smtp.pool_size == 0 {
             return bad("smtp.pool_size must be at least 1");

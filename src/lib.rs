@@ -9,22 +9,21 @@
 //! - [`config`]: layered settings (defaults, `herald.toml`, `HERALD_*`), secrets redacted.
 //! - [`domain`]: the one place raw bytes become valid values (requests, addresses, statuses, outcome events).
 //! - [`render`]: inline content and `templates/` files rendered with minijinja.
+//! - [`templates`]: the PostgreSQL template store (versions, resolution chain, cached renderer).
 //! - [`channels`]: the `ChannelAdapter` trait and one file per adapter (SMTP, webhook).
 //! - [`store`]: PostgreSQL repositories (notifications, delivery attempts).
 //! - [`kafka`]: consumer (partition workers, rebalance drain), in-order offset tracker, producer.
 //! - [`pipeline`]: one request through policy → claim → render → send → persist → publish.
 //! - [`policy`]: preferences, quiet hours, frequency caps, schedule and expiry as one pure decision.
 //! - [`scheduler`]: the due-work loop that fires scheduled, deferred and throttled rows.
-//! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics`; [`http::api`]: the admin/query API (`/v1/…`, bearer keys).
 //! - [`telemetry`]: tracing setup and Prometheus metrics.
-//! - [`cli`]: subcommands with logic of their own (`herald prefs`).
 //! - [`app`]: wires it all together; `App::build` then `run_until_stopped`.
 //! - [`bench`]: `herald bench`, the end-to-end benchmark against baselines.
 
 pub mod app;
 pub mod bench;
 pub mod channels;
-pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod http;
@@ -35,3 +34,4 @@ pub mod render;
 pub mod scheduler;
 pub mod store;
 pub mod telemetry;
+pub mod templates;

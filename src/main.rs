@@ -1,4 +1,7 @@
-//! The `herald` command line: `serve`, `migrate`, `send`, `topics ensure`.
+//! The `herald` command line: `serve`, `migrate`, `send`, `topics ensure`,
+//! `keys`, `templates` (the last two in `cli/`).
+
+mod cli;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -48,7 +51,7 @@ enum Command {
     /// Recipient preferences and the suppression list.
     Prefs {
         #[command(subcommand)]
-        command: herald::cli::prefs::PrefsCommand,
+        command: cli::prefs::PrefsCommand,
     },
     /// Benchmark a real `herald serve` process end to end against baselines
     /// (pass-through, raw sinks, raw broker) and append the results to BENCHMARKS.md.
@@ -59,6 +62,16 @@ enum Command {
     Topics {
         #[command(subcommand)]
         command: TopicsCommand,
+    },
+    /// API keys for the admin/query API.
+    Keys {
+        #[command(subcommand)]
+        command: cli::keys::KeysCommand,
+    },
+    /// The template store: sync the shipped files, render a template.
+    Templates {
+        #[command(subcommand)]
+        command: cli::templates::TemplatesCommand,
     },
 }
 
@@ -150,11 +163,13 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Send(args) => send(&settings, *args).await,
-            Command::Prefs { command } => herald::cli::prefs::run(&settings, command).await,
+            Command::Prefs { command } => cli::prefs::run(&settings, command).await,
             Command::Bench(args) => {
                 let line = std::env::args().collect::<Vec<_>>().join(" ");
                 herald::bench::run(&settings, *args, line).await
             }
+            Command::Keys { command } => cli::keys::run(&settings, command).await,
+            Command::Templates { command } => cli::templates::run(&settings, command).await,
         }
     })
 }

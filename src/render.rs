@@ -134,25 +134,25 @@ impl RenderError {
         RenderError { code, message }
     }
 
-    fn template(message: impl Into<String>) -> Self {
+    pub(crate) fn template(message: impl Into<String>) -> Self {
         Self::new(RenderErrorCode::TemplateError, message)
     }
 
-    fn not_found(message: impl Into<String>) -> Self {
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self::new(RenderErrorCode::TemplateNotFound, message)
     }
 }
 
 /// The three renderable parts of a notification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Part {
+pub(crate) enum Part {
     Subject,
     Text,
     Html,
 }
 
 impl Part {
-    const ALL: [Part; 3] = [Part::Subject, Part::Text, Part::Html];
+    pub(crate) const ALL: [Part; 3] = [Part::Subject, Part::Text, Part::Html];
 
     fn file_name(self) -> &'static str {
         match self {
@@ -411,7 +411,7 @@ impl Renderer for FileRenderer {
 /// Refuses content a channel cannot deliver: email needs a non-empty subject
 /// and a text or html body; sms needs text; push needs a subject (title) or
 /// text (body). Webhook and in-app carry `data` and need nothing.
-fn check_required(channel: Channel, c: &RenderedContent) -> Result<(), RenderError> {
+pub(crate) fn check_required(channel: Channel, c: &RenderedContent) -> Result<(), RenderError> {
     let has = |f: &Option<String>| f.as_deref().is_some_and(|s| !s.trim().is_empty());
     let missing = match channel {
         Channel::Email if !has(&c.subject) => Some("subject"),
@@ -429,7 +429,11 @@ fn check_required(channel: Channel, c: &RenderedContent) -> Result<(), RenderErr
 }
 
 /// Puts a rendered field in place; a subject is trimmed and must be one line.
-fn store_part(out: &mut RenderedContent, part: Part, s: String) -> Result<(), RenderError> {
+pub(crate) fn store_part(
+    out: &mut RenderedContent,
+    part: Part,
+    s: String,
+) -> Result<(), RenderError> {
     match part {
         Part::Subject => {
             let s = s.trim();
@@ -467,7 +471,7 @@ impl std::io::Write for CappedWriter {
 }
 
 /// Renders one field, stopping as soon as it exceeds `limit` bytes.
-fn render_capped(
+pub(crate) fn render_capped(
     tmpl: &minijinja::Template<'_, '_>,
     ctx: &Value,
     limit: usize,
@@ -487,7 +491,7 @@ fn render_capped(
 
 /// A human message for a minijinja error: names the template, the line and,
 /// for an undefined value, the expression (`user.first_name`).
-fn describe(e: &minijinja::Error, output_capped: bool, limit: usize) -> String {
+pub(crate) fn describe(e: &minijinja::Error, output_capped: bool, limit: usize) -> String {
     let location = match (e.name(), e.line()) {
         (Some(name), Some(line)) => format!(" in {name} line {line}"),
         (Some(name), None) => format!(" in {name}"),
@@ -525,7 +529,7 @@ fn describe(e: &minijinja::Error, output_capped: bool, limit: usize) -> String {
     }
 }
 
-fn truncate_for_message(s: &str) -> &str {
+pub(crate) fn truncate_for_message(s: &str) -> &str {
     let mut end = s.len().min(80);
     while !s.is_char_boundary(end) {
         end -= 1;
@@ -535,7 +539,10 @@ fn truncate_for_message(s: &str) -> &str {
 
 /// The render context (see the module docs). Herald's `recipient` and
 /// `notification` shadow data keys of the same name.
-fn build_context(data: &serde_json::Map<String, serde_json::Value>, n: &Notification) -> Value {
+pub(crate) fn build_context(
+    data: &serde_json::Map<String, serde_json::Value>,
+    n: &Notification,
+) -> Value {
     let mut ctx: BTreeMap<String, Value> = data
         .iter()
         .map(|(k, v)| (k.clone(), Value::from_serialize(v)))
@@ -570,7 +577,7 @@ fn opt(s: Option<&str>) -> Value {
 
 /// The shared environment: strict undefined, fuel, autoescape for html only,
 /// trimmed block lines, Herald's filters.
-fn new_environment(fuel: u64) -> Environment<'static> {
+pub(crate) fn new_environment(fuel: u64) -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_fuel(Some(fuel));
@@ -705,7 +712,7 @@ pub fn valid_key(key: &str) -> bool {
             .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-'))
 }
 
-fn valid_locale(s: &str) -> bool {
+pub(crate) fn valid_locale(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 35
         && s.bytes()
@@ -713,7 +720,7 @@ fn valid_locale(s: &str) -> bool {
 }
 
 /// `pt_BR` / `PT-br` → `pt-br`.
-fn normalize_locale(s: &str) -> String {
+pub(crate) fn normalize_locale(s: &str) -> String {
     s.trim().to_ascii_lowercase().replace('_', "-")
 }
 

@@ -1,4 +1,5 @@
-//! Command-line subcommands that are more than glue, one file each (the
-//! `herald` binary only declares and dispatches them).
+//! Subcommands implemented outside `main.rs`, one file each.
 
+pub mod keys;
 pub mod prefs;
+pub mod templates;

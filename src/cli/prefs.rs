@@ -6,10 +6,10 @@ use anyhow::{Context, bail};
 use chrono::Utc;
 use clap::{Args, Subcommand};
 
-use crate::config::Settings;
-use crate::domain::Channel;
-use crate::policy::preferences::{PreferenceRecord, Preferences, parse_time};
-use crate::store::{self, PreferenceStore};
+use herald::config::Settings;
+use herald::domain::Channel;
+use herald::policy::preferences::{PreferenceRecord, Preferences, parse_time};
+use herald::store::{self, PreferenceStore};
 
 /// `herald prefs ...`
 #[derive(Debug, Subcommand)]

@@ -1,4 +1,7 @@
-//! The HTTP listener: `/healthz`, `/readyz`, `/metrics`.
+//! The HTTP listener: `/healthz`, `/readyz`, `/metrics`; the admin/query API
+//! lives in [`api`] and is merged into the same router by the app.
+
+pub mod api;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -5,6 +5,7 @@
 //! (see `scripts/services.sh`) and sets HERALD_TEST_BROKERS and
 //! HERALD_TEST_DATABASE_URL.
 
+mod api;
 mod helpers;
 mod policy;
 mod resilience;
