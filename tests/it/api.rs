@@ -599,11 +599,11 @@ async fn every_route_needs_a_token_and_the_right_role() {
         .get("/v1/users/u-1/preferences?tenant_id=acme", &k.user2)
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
-    // Own preferences: the policy module is not installed → 501 problem.
+    // Own preferences: allowed (the policy branch's `preferences` table exists).
     let (s, v) = api
         .get("/v1/users/u-2/preferences?tenant_id=acme", &k.user2)
         .await;
-    assert_problem(s, &v, StatusCode::NOT_IMPLEMENTED);
+    assert_eq!(s, StatusCode::OK, "{v}");
 
     // Notifications of two users.
     let mut ids = Vec::new();
