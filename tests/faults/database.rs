@@ -13,15 +13,20 @@ async fn postgres_restart_mid_load_loses_nothing() {
     let pg = Postgres::start();
     let f = Faults::on(&brokers(), &pg.admin_url(), 4).await;
     let sink = FaultSink::start().await;
-    let logs = tempfile::tempdir().expect("tmp");
-    let log = logs.path().join("herald.log");
+    let (_logs, logs) = log_dir("postgres_restart_mid_load_loses_nothing");
+    let log = logs.join("herald.log");
     let mut herald = HeraldProcess::spawn(f.vars(&[]), &log);
 
     let ids: Vec<String> = (0..n).map(|i| format!("pg-{}-{i}", f.env.id)).collect();
     let messages: Vec<(String, Vec<u8>)> = ids
         .iter()
         .enumerate()
-        .map(|(i, id)| (format!("user-{}", i % 97), webhook_request(id, &sink.url("ok", id))))
+        .map(|(i, id)| {
+            (
+                format!("user-{}", i % 97),
+                webhook_request(id, &sink.url("ok", id)),
+            )
+        })
         .collect();
     let p = f.producer();
     let mut outcomes = f.reader(&f.env.outcomes);
@@ -52,10 +57,16 @@ async fn postgres_restart_mid_load_loses_nothing() {
     for c in chunks {
         produce_all(&p, &f.env.requests, c.to_vec()).await;
     }
-    let done = read_events_until(&mut outcomes, Duration::from_secs(240), |e| all_final(e, &ids)).await;
+    let done = read_events_until(&mut outcomes, Duration::from_secs(240), |e| {
+        all_final(e, &ids)
+    })
+    .await;
     assert!(done, "not every request finished; log:\n{}", log_tail(&log));
     let lag = f.wait_lag_zero(Duration::from_secs(60)).await;
-    assert!(herald.child.try_wait().ok().flatten().is_none(), "herald is still up");
+    assert!(
+        herald.child.try_wait().ok().flatten().is_none(),
+        "herald is still up"
+    );
     herald.terminate();
     assert!(lag.is_ok(), "a partition is stuck: {lag:?}");
 

@@ -18,7 +18,7 @@ async fn ten_sigkills_during_one_load_lose_nothing() {
     let n = scale(1500, 5000);
     let f = Faults::shared(4).await;
     let sink = FaultSink::start().await;
-    let logs = tempfile::tempdir().expect("tmp");
+    let (_logs, logs) = log_dir("ten_sigkills_during_one_load_lose_nothing");
     let vars = f.vars(&[(
         "HERALD_KAFKA__GROUP_INSTANCE_ID",
         format!("herald-{}-0", f.env.id),
@@ -31,11 +31,16 @@ async fn ten_sigkills_during_one_load_lose_nothing() {
     let messages: Vec<(String, Vec<u8>)> = ids
         .iter()
         .enumerate()
-        .map(|(i, id)| (format!("user-{}", i % 97), webhook_request(id, &sink.url("ok", id))))
+        .map(|(i, id)| {
+            (
+                format!("user-{}", i % 97),
+                webhook_request(id, &sink.url("ok", id)),
+            )
+        })
         .collect();
     let p = f.producer();
     let mut outcomes = f.reader(&f.env.outcomes);
-    let mut log = logs.path().join("run0.log");
+    let mut log = logs.join("run0.log");
     let mut herald = HeraldProcess::spawn(vars.clone(), &log);
     // Each slice is produced right before a kill, so every kill lands while
     // there is work: after a restart the member needs several seconds to get
@@ -54,15 +59,26 @@ async fn ten_sigkills_during_one_load_lose_nothing() {
             .await;
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..1500))).await;
         herald.kill9();
-        eprintln!("kill {}: after {} outcome records", k + 1, outcomes.records.len());
-        log = logs.path().join(format!("run{}.log", k + 1));
+        eprintln!(
+            "kill {}: after {} outcome records",
+            k + 1,
+            outcomes.records.len()
+        );
+        log = logs.join(format!("run{}.log", k + 1));
         herald = HeraldProcess::spawn(vars.clone(), &log);
     }
     for c in chunks {
         produce_all(&p, &f.env.requests, c.to_vec()).await;
     }
-    let done = read_events_until(&mut outcomes, Duration::from_secs(300), |e| all_final(e, &ids)).await;
-    assert!(done, "not every request finished; last log:\n{}", log_tail(&log));
+    let done = read_events_until(&mut outcomes, Duration::from_secs(300), |e| {
+        all_final(e, &ids)
+    })
+    .await;
+    assert!(
+        done,
+        "not every request finished; last log:\n{}",
+        log_tail(&log)
+    );
     let lag = f.wait_lag_zero(Duration::from_secs(60)).await;
     herald.terminate();
     assert!(lag.is_ok(), "a partition is stuck: {lag:?}");

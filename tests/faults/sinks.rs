@@ -21,8 +21,9 @@ async fn webhook_500_429_and_hanging_endpoints_fail_retryably_and_nothing_is_stu
     let per_mode = scale(150, 1000);
     let f = Faults::shared(4).await;
     let sink = FaultSink::start().await;
-    let logs = tempfile::tempdir().expect("tmp");
-    let log = logs.path().join("herald.log");
+    let (_logs, logs) =
+        log_dir("webhook_500_429_and_hanging_endpoints_fail_retryably_and_nothing_is_stuck");
+    let log = logs.join("herald.log");
     let mut herald = HeraldProcess::spawn(
         f.vars(&[("HERALD_WEBHOOK__TIMEOUT_MS", "1000".into())]),
         &log,
@@ -33,17 +34,26 @@ async fn webhook_500_429_and_hanging_endpoints_fail_retryably_and_nothing_is_stu
     for i in 0..per_mode {
         for m in modes {
             let id = format!("sink-{}-{m}-{i}", f.env.id);
-            messages.push((format!("user-{}", i % 31), webhook_request(&id, &sink.url(m, &id))));
+            messages.push((
+                format!("user-{}", i % 31),
+                webhook_request(&id, &sink.url(m, &id)),
+            ));
             ids_by_mode.entry(m).or_default().push(id);
         }
     }
     let all: Vec<String> = ids_by_mode.values().flatten().cloned().collect();
     produce_all(&f.producer(), &f.env.requests, messages).await;
     let mut outcomes = f.reader(&f.env.outcomes);
-    let done = read_events_until(&mut outcomes, Duration::from_secs(240), |e| all_final(e, &all)).await;
+    let done = read_events_until(&mut outcomes, Duration::from_secs(240), |e| {
+        all_final(e, &all)
+    })
+    .await;
     assert!(done, "not every request finished; log:\n{}", log_tail(&log));
     let lag = f.wait_lag_zero(Duration::from_secs(60)).await;
-    assert!(herald.child.try_wait().ok().flatten().is_none(), "herald is still up");
+    assert!(
+        herald.child.try_wait().ok().flatten().is_none(),
+        "herald is still up"
+    );
     herald.terminate();
     assert!(lag.is_ok(), "a partition is stuck: {lag:?}");
 
@@ -65,7 +75,12 @@ async fn webhook_500_429_and_hanging_endpoints_fail_retryably_and_nothing_is_stu
     }
     let codes: std::collections::BTreeSet<String> = ids_by_mode["hang"]
         .iter()
-        .map(|id| finals[id]["error"]["code"].as_str().unwrap_or_default().to_string())
+        .map(|id| {
+            finals[id]["error"]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
         .collect();
     eprintln!("webhook faults: {per_mode} per mode; hang error codes {codes:?}");
 }
@@ -87,8 +102,8 @@ async fn smtp_relay_down_for_ten_seconds_fails_retryably_and_recovers() {
     let per_phase = scale(200, 1500);
     let f = Faults::shared(4).await;
     let mut smtp = RestartableSmtp::start();
-    let logs = tempfile::tempdir().expect("tmp");
-    let log = logs.path().join("herald.log");
+    let (_logs, logs) = log_dir("smtp_relay_down_for_ten_seconds_fails_retryably_and_recovers");
+    let log = logs.join("herald.log");
     let mut herald = HeraldProcess::spawn(
         f.vars(&[
             ("HERALD_SMTP__PORT", smtp.port.to_string()),
@@ -126,11 +141,18 @@ async fn smtp_relay_down_for_ten_seconds_fails_retryably_and_recovers() {
     produce_all(&p, &f.env.requests, m3).await;
     wait_all(&mut outcomes, &after, &log).await;
     let lag = f.wait_lag_zero(Duration::from_secs(60)).await;
-    assert!(herald.child.try_wait().ok().flatten().is_none(), "herald is still up");
+    assert!(
+        herald.child.try_wait().ok().flatten().is_none(),
+        "herald is still up"
+    );
     herald.terminate();
     assert!(lag.is_ok(), "a partition is stuck: {lag:?}");
 
-    let all: Vec<String> = [&before, &during, &after].into_iter().flatten().cloned().collect();
+    let all: Vec<String> = [&before, &during, &after]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
     let events = outcomes.events();
     let finals = one_final_each(&events, &all);
     let counts = smtp.counts_by_subject();
@@ -142,7 +164,11 @@ async fn smtp_relay_down_for_ten_seconds_fails_retryably_and_recovers() {
         let e = finals[id];
         assert_eq!(e["status"], "failed", "{id}: {e}");
         assert_eq!(e["error"]["retryable"], true, "{id}: {e}");
-        assert_eq!(counts.get(id).copied().unwrap_or(0), 0, "{id} cannot have arrived");
+        assert_eq!(
+            counts.get(id).copied().unwrap_or(0),
+            0,
+            "{id} cannot have arrived"
+        );
     }
     eprintln!("smtp down: {per_phase} per phase");
 }

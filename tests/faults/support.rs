@@ -279,7 +279,9 @@ impl Faults {
             },
             brokers: brokers.to_string(),
         };
-        let settings = f.env.settings(&[("HERALD_KAFKA__BROKERS", f.brokers.clone())]);
+        let settings = f
+            .env
+            .settings(&[("HERALD_KAFKA__BROKERS", f.brokers.clone())]);
         let topics = herald::kafka::topics::all_topics(&settings.kafka);
         herald::kafka::topics::ensure_topics(&settings.kafka, &topics, partitions)
             .await
@@ -352,6 +354,23 @@ impl Faults {
         }
     }
 
+    /// How many records `topic` holds (sum of high watermarks; topics here
+    /// start at offset 0 and are never trimmed during a test).
+    pub fn topic_size(&self, topic: &str) -> i64 {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()
+            .expect("consumer");
+        (0..self.env.partitions)
+            .map(|p| {
+                consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .map(|(_, h)| h)
+                    .expect("watermarks")
+            })
+            .sum()
+    }
+
     /// Notification id → attempts, from the database.
     pub async fn attempts(&self) -> HashMap<String, i32> {
         sqlx::query_as::<_, (String, i32)>("SELECT id, attempts FROM notifications")
@@ -396,7 +415,9 @@ pub async fn read_events_until(
     let deadline = Instant::now() + timeout;
     let mut events: Vec<serde_json::Value> = Vec::new();
     loop {
-        reader.read_until(Duration::from_millis(500), |_| false).await;
+        reader
+            .read_until(Duration::from_millis(500), |_| false)
+            .await;
         let from = events.len();
         events.extend(reader.records[from..].iter().map(Record::json));
         if done(&events) {
@@ -432,7 +453,10 @@ pub fn one_final_each<'a>(
     for id in ids {
         let f = by_id.get(id.as_str());
         let n = f.map_or(0, HashMap::len);
-        assert_eq!(n, 1, "notification {id} has {n} distinct final outcomes: {f:?}");
+        assert_eq!(
+            n, 1,
+            "notification {id} has {n} distinct final outcomes: {f:?}"
+        );
         if let Some(e) = f.and_then(|m| m.values().next()) {
             out.insert(id.clone(), *e);
         }
@@ -470,6 +494,23 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     s.lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Where Herald's logs go: `HERALD_FAULTS_LOG_DIR/<test>` when set (kept
+/// for inspection), else a temp dir removed with the returned guard.
+pub fn log_dir(test: &str) -> (Option<tempfile::TempDir>, PathBuf) {
+    match std::env::var("HERALD_FAULTS_LOG_DIR") {
+        Ok(d) if !d.is_empty() => {
+            let p = Path::new(&d).join(test);
+            std::fs::create_dir_all(&p).expect("log dir");
+            (None, p)
+        }
+        _ => {
+            let t = tempfile::tempdir().expect("tmp");
+            let p = t.path().to_path_buf();
+            (Some(t), p)
+        }
+    }
 }
 
 /// Tail of a log file for failure messages.
