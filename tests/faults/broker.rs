@@ -15,22 +15,16 @@ async fn broker_outage_mid_load_loses_nothing() {
     let sink = FaultSink::start().await;
     let (_logs, logs) = log_dir("broker_outage_mid_load_loses_nothing");
     let log = logs.join("herald.log");
-    // session.timeout.ms above the outage: on the local broker (tansu 0.6.0)
-    // a member whose session expires during an outage never gets an
-    // assignment again — its coordinator keeps the expired member id as the
+    // Faults::vars sets session.timeout.ms to 30 s, above the outage: on the
+    // local broker (tansu 0.6.0) a member whose session expires during an
+    // outage never gets an assignment again — its coordinator keeps the expired member id as the
     // group leader and every SyncGroup answers "rebalance in progress"
     // (found by this test; static and dynamic members alike). See
     // docs/faults.md. Real Kafka rejoins such a member.
-    let extra: Vec<(&str, String)> = vec![
-        (
-            "HERALD_KAFKA__GROUP_INSTANCE_ID",
-            format!("herald-{}-0", f.env.id),
-        ),
-        (
-            "HERALD_KAFKA__PROPERTIES__SESSION_TIMEOUT_MS",
-            "30000".into(),
-        ),
-    ];
+    let extra: Vec<(&str, String)> = vec![(
+        "HERALD_KAFKA__GROUP_INSTANCE_ID",
+        format!("herald-{}-0", f.env.id),
+    )];
     let mut herald = HeraldProcess::spawn(f.vars(&extra), &log);
 
     let ids: Vec<String> = (0..n).map(|i| format!("brk-{}-{i}", f.env.id)).collect();
@@ -74,6 +68,7 @@ async fn broker_outage_mid_load_loses_nothing() {
     })
     .await;
     assert!(done, "not every request finished; log:\n{}", log_tail(&log));
+    f.wait_quiet(Duration::from_secs(300)).await;
     let lag = f.wait_lag_zero(Duration::from_secs(60)).await;
     assert!(
         herald.child.try_wait().ok().flatten().is_none(),

@@ -62,6 +62,7 @@ async fn postgres_restart_mid_load_loses_nothing() {
     })
     .await;
     assert!(done, "not every request finished; log:\n{}", log_tail(&log));
+    f.wait_quiet(Duration::from_secs(300)).await;
     let lag = f.wait_lag_zero(Duration::from_secs(60)).await;
     assert!(
         herald.child.try_wait().ok().flatten().is_none(),

@@ -307,6 +307,7 @@ async fn hostile_requests_are_answered_and_valid_ones_delivered() {
         "valid requests not all finished; log:\n{}",
         log_tail(&log)
     );
+    f.wait_quiet(Duration::from_secs(300)).await;
     let lag = f.wait_lag_zero(Duration::from_secs(120)).await;
     let rss_after = rss_kib(pid).unwrap_or(0);
     let still_up = herald.child.try_wait().ok().flatten().is_none();

@@ -79,6 +79,7 @@ async fn ten_sigkills_during_one_load_lose_nothing() {
         "not every request finished; last log:\n{}",
         log_tail(&log)
     );
+    f.wait_quiet(Duration::from_secs(300)).await;
     let lag = f.wait_lag_zero(Duration::from_secs(60)).await;
     herald.terminate();
     assert!(lag.is_ok(), "a partition is stuck: {lag:?}");

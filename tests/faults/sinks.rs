@@ -49,6 +49,7 @@ async fn webhook_500_429_and_hanging_endpoints_fail_retryably_and_nothing_is_stu
     })
     .await;
     assert!(done, "not every request finished; log:\n{}", log_tail(&log));
+    f.wait_quiet(Duration::from_secs(300)).await;
     let lag = f.wait_lag_zero(Duration::from_secs(60)).await;
     assert!(
         herald.child.try_wait().ok().flatten().is_none(),
@@ -140,6 +141,7 @@ async fn smtp_relay_down_for_ten_seconds_fails_retryably_and_recovers() {
     let (after, m3) = phase("after");
     produce_all(&p, &f.env.requests, m3).await;
     wait_all(&mut outcomes, &after, &log).await;
+    f.wait_quiet(Duration::from_secs(300)).await;
     let lag = f.wait_lag_zero(Duration::from_secs(60)).await;
     assert!(
         herald.child.try_wait().ok().flatten().is_none(),

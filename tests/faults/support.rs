@@ -291,9 +291,19 @@ impl Faults {
         f
     }
 
-    /// Herald's environment with this broker plus `extra`.
+    /// Herald's environment with this broker plus `extra`. The session
+    /// timeout is 30 s: on the local broker (tansu 0.6.0) a member whose
+    /// session expires — during a broker outage, or when the loaded broker
+    /// answers heartbeats late — never gets an assignment again (see
+    /// docs/faults.md), which would turn every fault into a stuck partition.
     pub fn vars(&self, extra: &[(&str, String)]) -> Vec<(String, String)> {
-        let mut all: Vec<(&str, String)> = vec![("HERALD_KAFKA__BROKERS", self.brokers.clone())];
+        let mut all: Vec<(&str, String)> = vec![
+            ("HERALD_KAFKA__BROKERS", self.brokers.clone()),
+            (
+                "HERALD_KAFKA__PROPERTIES__SESSION_TIMEOUT_MS",
+                "30000".into(),
+            ),
+        ];
         all.extend(extra.iter().cloned());
         self.env.vars(&all)
     }
@@ -308,6 +318,27 @@ impl Faults {
 
     pub async fn pool(&self) -> PgPool {
         self.env.pool().await
+    }
+
+    /// Waits until the outcome and dead-letter topics stop growing for 5 s
+    /// (at most `timeout`). Call before [`Faults::wait_lag_zero`]: reading
+    /// committed offsets with the group's id while Herald still works has
+    /// been seen to make the local broker rebalance the group, and a member
+    /// rejoining on tansu 0.6.0 can wedge (see docs/faults.md).
+    pub async fn wait_quiet(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut last = -1;
+        let mut since = Instant::now();
+        while Instant::now() < deadline {
+            let now = self.topic_size(&self.env.outcomes) + self.topic_size(&self.env.dlq);
+            if now != last {
+                last = now;
+                since = Instant::now();
+            } else if since.elapsed() >= Duration::from_secs(5) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     /// Waits until the group's committed offsets reach the end of every
