@@ -678,10 +678,10 @@ impl RestartableSmtp {
         let mut m = HashMap::new();
         if let Ok(rd) = std::fs::read_dir(self.dir.path()) {
             for e in rd.flatten() {
-                if let Ok(s) = std::fs::read_to_string(e.path()) {
-                    if let Some(id) = s.lines().find_map(|l| l.strip_prefix("Subject: fault ")) {
-                        *m.entry(id.trim().to_string()).or_insert(0) += 1;
-                    }
+                if let Ok(s) = std::fs::read_to_string(e.path())
+                    && let Some(id) = s.lines().find_map(|l| l.strip_prefix("Subject: fault "))
+                {
+                    *m.entry(id.trim().to_string()).or_insert(0) += 1;
                 }
             }
         }
