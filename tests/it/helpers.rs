@@ -529,3 +529,38 @@ async fn record(
 pub fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
+
+/// [`producer`] for another broker (the fault suite runs its own).
+pub fn producer_on(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .set("enable.idempotence", "true")
+        .set("message.max.bytes", "16000000")
+        .set("message.timeout.ms", "120000")
+        .create()
+        .expect("producer")
+}
+
+impl TopicReader {
+    /// [`TopicReader::new`] for another broker (the fault suite runs its own).
+    pub fn new_on(brokers: &str, topic: &str, partitions: i32) -> TopicReader {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", format!("reader-{}", suffix()))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "5")
+            .create()
+            .expect("reader");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .expect("tpl");
+        }
+        consumer.assign(&tpl).expect("assign");
+        TopicReader {
+            consumer,
+            records: Vec::new(),
+        }
+    }
+}

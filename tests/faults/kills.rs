@@ -1,0 +1,94 @@
+//! Herald SIGKILLed at random moments, 10 times during one load, restarted
+//! each time with the same `group.instance.id` (static membership: the local
+//! broker gives a restarted static member its partitions back; see
+//! ARCHITECTURE.md). Long: run by `scripts/faults.sh`. One kill cycle runs in
+//! the normal suite (`tests/it/resilience.rs`).
+
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+
+use crate::helpers::*;
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "long: scripts/faults.sh"]
+async fn ten_sigkills_during_one_load_lose_nothing() {
+    let kills = scale(3, 10);
+    let n = scale(1500, 5000);
+    let f = Faults::shared(4).await;
+    let sink = FaultSink::start().await;
+    let (_logs, logs) = log_dir("ten_sigkills_during_one_load_lose_nothing");
+    let vars = f.vars(&[(
+        "HERALD_KAFKA__GROUP_INSTANCE_ID",
+        format!("herald-{}-0", f.env.id),
+    )]);
+    let seed: u64 = rand::rng().random();
+    eprintln!("sigkill test: seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let ids: Vec<String> = (0..n).map(|i| format!("k10-{}-{i}", f.env.id)).collect();
+    let messages: Vec<(String, Vec<u8>)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            (
+                format!("user-{}", i % 97),
+                webhook_request(id, &sink.url("ok", id)),
+            )
+        })
+        .collect();
+    let p = f.producer();
+    let mut outcomes = f.reader(&f.env.outcomes);
+    let mut log = logs.join("run0.log");
+    let mut herald = HeraldProcess::spawn(vars.clone(), &log);
+    // Each slice is produced right before a kill, so every kill lands while
+    // there is work: after a restart the member needs several seconds to get
+    // its partitions back, then it works through the backlog.
+    let per = n.div_ceil(kills + 1);
+    let mut chunks = messages.chunks(per);
+    for k in 0..kills {
+        if let Some(c) = chunks.next() {
+            produce_all(&p, &f.env.requests, c.to_vec()).await;
+        }
+        // Wait for progress (the member is back and working), then kill at a
+        // random moment shortly after.
+        let seen = outcomes.records.len();
+        let _ = outcomes
+            .read_until(Duration::from_secs(90), |r| r.len() > seen)
+            .await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..1500))).await;
+        herald.kill9();
+        eprintln!(
+            "kill {}: after {} outcome records",
+            k + 1,
+            outcomes.records.len()
+        );
+        log = logs.join(format!("run{}.log", k + 1));
+        herald = HeraldProcess::spawn(vars.clone(), &log);
+    }
+    for c in chunks {
+        produce_all(&p, &f.env.requests, c.to_vec()).await;
+    }
+    let done = read_events_until(&mut outcomes, Duration::from_secs(300), |e| {
+        all_final(e, &ids)
+    })
+    .await;
+    assert!(
+        done,
+        "not every request finished; last log:\n{}",
+        log_tail(&log)
+    );
+    f.wait_quiet(Duration::from_secs(300)).await;
+    let lag = f.wait_lag_zero(Duration::from_secs(60)).await;
+    herald.terminate();
+    assert!(lag.is_ok(), "a partition is stuck: {lag:?}");
+
+    let events = outcomes.events();
+    let finals = one_final_each(&events, &ids);
+    for (id, e) in &finals {
+        assert_eq!(e["status"], "sent", "{id}: {e}");
+    }
+    let resent = delivered_once_or_resumed(&ids, &sink.counts(), &f.attempts().await);
+    eprintln!("sigkill test: {kills} kills, {n} requests, {resent} crash-window resends");
+}
