@@ -394,7 +394,7 @@ async fn hostile_requests_are_answered_and_valid_ones_delivered() {
     // At least one dead letter per request without an outcome and per
     // rejected one. Not exactly one: runs here saw a few percent more dead
     // letters than such requests (re-published on a retried message, or
-    // duplicated by the local broker) — see NOTES-faults.md.
+    // duplicated by the local broker) — see docs/notes/faults.md.
     let dlq_total = f.topic_size(&f.env.dlq);
     let expected_dead: usize = [
         "dlq",
