@@ -119,6 +119,22 @@ impl PreferenceStore {
         Ok((levels.0, suppressed))
     }
 
+    /// Every stored record of (tenant, user), one per channel.
+    pub async fn for_user(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+    ) -> Result<Vec<PreferenceRecord>, StoreError> {
+        let rows: Vec<Row> = sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM preferences WHERE tenant_id = $1 AND user_id = $2 ORDER BY channel"
+        ))
+        .bind(tenant_id)
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(record).collect()
+    }
+
     /// The stored record of exactly (tenant, user, channel).
     pub async fn get(
         &self,

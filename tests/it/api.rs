@@ -825,3 +825,60 @@ async fn pagination_is_stable_under_concurrent_inserts_and_filters_combine() {
     }
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn preferences_written_over_the_api_govern_delivery() {
+    let env = TestEnv::new(1).await;
+    let sink = HttpSink::start().await;
+    let app = RunningApp::start(env.settings(&[])).await;
+    let api = Api::new(&app);
+    let k = keys(&env).await;
+    let path = "/v1/users/u-9/preferences?tenant_id=acme";
+    // Validation names the item.
+    let (s, v) = api
+        .put(path, &k.admin, &json!({"items": [{"channel": "webhook", "quiet_hours": {"start": "25:00", "end": "07:00"}}]}))
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let (s, v) = api
+        .put(
+            path,
+            &k.admin,
+            &json!({"items": [{"channel": "webhook", "enabled": false}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = api.get(path, &k.admin).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["items"][0]["channel"], "webhook", "{v}");
+    assert_eq!(v["items"][0]["enabled"], false, "{v}");
+    // A request to that user on that channel is suppressed, nothing sent.
+    let id = format!("pref-{}", suffix());
+    produce(
+        &producer(),
+        &env.requests,
+        "acme:u-9",
+        json!({"id": id, "tenant_id": "acme", "channel": "webhook",
+               "recipient": {"user_id": "u-9", "url": sink.url("/p")}, "content": {"text": "x"}})
+        .to_string()
+        .as_bytes(),
+    )
+    .await;
+    let mut outcomes = TopicReader::new(&env.outcomes, 1);
+    let want = id.clone();
+    assert!(
+        outcomes
+            .read_until(Duration::from_secs(60), |r| r
+                .iter()
+                .any(|x| x.json()["notification_id"] == want.as_str()))
+            .await
+    );
+    let events = outcomes.events();
+    let e = events
+        .iter()
+        .find(|e| e["notification_id"] == id.as_str())
+        .expect("event");
+    assert_eq!(e["status"], "suppressed", "{e}");
+    assert_eq!(e["reason"], "channel_disabled", "{e}");
+    assert!(sink.received().is_empty());
+    app.stop().await;
+}

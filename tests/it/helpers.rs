@@ -148,7 +148,10 @@ pub struct RunningApp {
 
 impl RunningApp {
     pub async fn start(settings: Settings) -> RunningApp {
-        herald::telemetry::init_tracing();
+        // Logs bypass the test harness's capture: only on request.
+        if std::env::var_os("HERALD_TEST_LOG").is_some() {
+            herald::telemetry::init_tracing();
+        }
         let app = App::build(settings).await.expect("build app");
         let http = app.http_addr().expect("http addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

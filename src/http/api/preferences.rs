@@ -1,13 +1,13 @@
-//! `/v1/users/{user_id}/preferences?tenant_id=…`: read and replace a user's
-//! preference rows.
+//! `/v1/users/{user_id}/preferences?tenant_id=…`: read and write a user's
+//! preferences through the policy module's [`PreferenceStore`].
 //!
-//! The preferences table belongs to the policy issue, built in parallel. This
-//! file does not know its columns: when a `preferences` table exists, GET
-//! returns its rows for (tenant, user) as JSON objects, and PUT replaces them
-//! (`{"items": [ {column: value, …}, … ]}`, `tenant_id`/`user_id` forced
-//! from the path) with `jsonb_populate_recordset`. When the table does not
-//! exist (policy not merged), both answer 501 with a problem document.
-//! Policy's in-memory preference cache learns of a PUT only by its own TTL.
+//! GET returns one record per channel. PUT takes `{"items": [...]}` where each
+//! item has the shape of a preference-update event
+//! (`schemas/preference-update.v1.json`) without `tenant_id`/`user_id` (taken
+//! from the path and query) and with `updated_at` optional (default: now).
+//! Writes are last-write-wins by `updated_at`, exactly like the preferences
+//! topic. Other instances' preference caches see a write within their TTL
+//! (`policy` settings, default 5 s).
 
 use std::collections::HashMap;
 
@@ -18,19 +18,8 @@ use serde::Deserialize;
 use super::auth::{Principal, Role};
 use super::problem::{Problem, RawBody, parse_json};
 use super::{ApiState, Params};
-
-async fn table_exists(state: &ApiState) -> Result<(), Problem> {
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass('preferences') IS NOT NULL")
-        .fetch_one(&state.pool)
-        .await?;
-    if exists {
-        Ok(())
-    } else {
-        Err(Problem::not_implemented(
-            "preferences are not stored by this version of Herald yet (the policy module adds them)",
-        ))
-    }
-}
+use crate::policy::preferences::decode_update;
+use crate::store::preferences::PreferenceStore;
 
 fn check_access(p: &Principal, tenant: Option<&str>, user: &str) -> Result<(), Problem> {
     match p.role {
@@ -45,21 +34,11 @@ fn check_access(p: &Principal, tenant: Option<&str>, user: &str) -> Result<(), P
     }
 }
 
-/// Maps SQL errors of the generic statements: constraint violations are the
-/// client's (422), an unexpected table shape is 501.
-fn map_sql(e: sqlx::Error) -> Problem {
-    if let sqlx::Error::Database(db) = &e {
-        let code = db.code().unwrap_or_default();
-        if code.starts_with("23") || code.starts_with("22") {
-            return Problem::invalid("items", db.message().to_string());
-        }
-        if code.starts_with("42") {
-            return Problem::not_implemented(
-                "the preferences table does not have the expected tenant_id/user_id columns",
-            );
-        }
+fn store_problem(e: crate::store::StoreError) -> Problem {
+    match e {
+        crate::store::StoreError::Database(e) => Problem::from(e),
+        other => Problem::internal(&other),
     }
-    Problem::internal(&e)
 }
 
 /// `GET /v1/users/{user_id}/preferences`.
@@ -72,20 +51,15 @@ pub async fn get_prefs(
     let q = Params::new(q, &["tenant_id"])?;
     let tenant = q.str("tenant_id");
     check_access(&p, tenant, &user_id)?;
-    table_exists(&state).await?;
-    let rows: Vec<sqlx::types::Json<serde_json::Value>> = sqlx::query_scalar(
-        "SELECT to_jsonb(p) FROM preferences p
-         WHERE p.user_id = $1 AND p.tenant_id IS NOT DISTINCT FROM $2",
-    )
-    .bind(&user_id)
-    .bind(tenant)
-    .fetch_all(&state.pool)
-    .await
-    .map_err(map_sql)?;
+    let store = PreferenceStore::new(state.pool.clone());
+    let items = store
+        .for_user(tenant.unwrap_or_default(), &user_id)
+        .await
+        .map_err(store_problem)?;
     Ok(Json(serde_json::json!({
         "tenant_id": tenant,
         "user_id": user_id,
-        "items": rows.into_iter().map(|j| j.0).collect::<Vec<_>>(),
+        "items": items,
     })))
 }
 
@@ -95,7 +69,7 @@ struct PutBody {
     items: Vec<serde_json::Map<String, serde_json::Value>>,
 }
 
-/// `PUT /v1/users/{user_id}/preferences`: replaces the user's rows.
+/// `PUT /v1/users/{user_id}/preferences`: writes one record per item.
 pub async fn put_prefs(
     State(state): State<ApiState>,
     p: Principal,
@@ -106,27 +80,32 @@ pub async fn put_prefs(
     let q = Params::new(q, &["tenant_id"])?;
     let tenant = q.str("tenant_id").map(str::to_string);
     check_access(&p, tenant.as_deref(), &user_id)?;
-    table_exists(&state).await?;
-    let mut b: PutBody = parse_json(&body)?;
-    for row in &mut b.items {
-        row.insert("user_id".into(), user_id.clone().into());
-        row.insert("tenant_id".into(), tenant.clone().into());
+    let b: PutBody = parse_json(&body)?;
+    let mut records = Vec::with_capacity(b.items.len());
+    for (i, mut item) in b.items.into_iter().enumerate() {
+        for k in ["tenant_id", "user_id"] {
+            if item.contains_key(k) {
+                return Err(Problem::invalid(
+                    &format!("items[{i}].{k}"),
+                    format!("{k} comes from the path and query, not the body"),
+                ));
+            }
+        }
+        item.insert("user_id".into(), user_id.clone().into());
+        if let Some(t) = &tenant {
+            item.insert("tenant_id".into(), t.clone().into());
+        }
+        item.entry("updated_at")
+            .or_insert_with(|| chrono::Utc::now().to_rfc3339().into());
+        let bytes = serde_json::to_vec(&item).map_err(|e| Problem::internal(&e))?;
+        let record =
+            decode_update(&bytes).map_err(|m| Problem::invalid(&format!("items[{i}]"), m))?;
+        records.push(record);
     }
-    let mut tx = state.pool.begin().await?;
-    sqlx::query("DELETE FROM preferences WHERE user_id = $1 AND tenant_id IS NOT DISTINCT FROM $2")
-        .bind(&user_id)
-        .bind(&tenant)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_sql)?;
-    sqlx::query(
-        "INSERT INTO preferences SELECT * FROM jsonb_populate_recordset(NULL::preferences, $1)",
-    )
-    .bind(sqlx::types::Json(&b.items))
-    .execute(&mut *tx)
-    .await
-    .map_err(map_sql)?;
-    tx.commit().await?;
+    let store = PreferenceStore::new(state.pool.clone());
+    for r in &records {
+        store.upsert(r).await.map_err(store_problem)?;
+    }
     get_prefs(
         State(state),
         p,
