@@ -86,7 +86,7 @@ pub async fn put_prefs(
         for k in ["tenant_id", "user_id"] {
             if item.contains_key(k) {
                 return Err(Problem::invalid(
-                    &format!("items[{i}].{k}"),
+                    format!("items[{i}].{k}"),
                     format!("{k} comes from the path and query, not the body"),
                 ));
             }
@@ -99,7 +99,7 @@ pub async fn put_prefs(
             .or_insert_with(|| chrono::Utc::now().to_rfc3339().into());
         let bytes = serde_json::to_vec(&item).map_err(|e| Problem::internal(&e))?;
         let record =
-            decode_update(&bytes).map_err(|m| Problem::invalid(&format!("items[{i}]"), m))?;
+            decode_update(&bytes).map_err(|m| Problem::invalid(format!("items[{i}]"), m))?;
         records.push(record);
     }
     let store = PreferenceStore::new(state.pool.clone());
