@@ -317,7 +317,7 @@ impl HeraldRun {
         nginx: &sinks::NginxSink,
         smtp: &sinks::SmtpSinkCounter,
     ) -> anyhow::Result<LoadResult> {
-        let (http_before, smtp_before) = (nginx.count(), smtp.count());
+        let (http_before, smtp_before) = (nginx.count("/hook"), smtp.count());
         let spec = load::RequestSpec {
             mix: self.mix,
             template: self.template,
@@ -327,7 +327,7 @@ impl HeraldRun {
         let mut r = load::herald_load(&self.brokers, &self.topics, &spec, n, rate).await?;
         // nginx flushes its log every second
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        r.sink_http = nginx.count().saturating_sub(http_before);
+        r.sink_http = nginx.count("/hook").saturating_sub(http_before);
         r.sink_smtp = smtp.count().saturating_sub(smtp_before);
         Ok(r)
     }

@@ -42,7 +42,7 @@ impl NginxSink {
         let conf = format!(
             "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
              events {{ worker_connections 8192; }}\n\
-             http {{\n  log_format c '1';\n  access_log {d}/access.log c buffer=256k flush=1s;\n\
+             http {{\n  log_format c '$uri';\n  access_log {d}/access.log c buffer=256k flush=1s;\n\
                client_body_temp_path {d}/body;\n  keepalive_requests 1000000;\n\
                server {{ listen 127.0.0.1:{port}; location / {{ return 200 'ok'; }} }}\n}}\n",
             d = dir.path().display()
@@ -70,10 +70,11 @@ impl NginxSink {
         )
     }
 
-    /// Requests logged so far (the log is flushed every second: wait a little).
-    pub fn count(&self) -> usize {
-        std::fs::read(self.dir.path().join("access.log"))
-            .map(|b| b.iter().filter(|&&c| c == b'\n').count())
+    /// Requests to `path` logged so far (the log is flushed every second:
+    /// wait a little). Warm-up requests use another path and do not count.
+    pub fn count(&self, path: &str) -> usize {
+        std::fs::read_to_string(self.dir.path().join("access.log"))
+            .map(|s| s.lines().filter(|l| *l == path).count())
             .unwrap_or(0)
     }
 }
