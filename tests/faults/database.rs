@@ -57,19 +57,14 @@ async fn postgres_restart_mid_load_loses_nothing() {
     for c in chunks {
         produce_all(&p, &f.env.requests, c.to_vec()).await;
     }
-    let done = read_events_until(&mut outcomes, Duration::from_secs(240), |e| {
-        all_final(e, &ids)
-    })
+    f.settle(
+        &mut herald,
+        &mut outcomes,
+        &ids,
+        &log,
+        Duration::from_secs(240),
+    )
     .await;
-    assert!(done, "not every request finished; log:\n{}", log_tail(&log));
-    f.wait_quiet(Duration::from_secs(300)).await;
-    let lag = f.wait_lag_zero(Duration::from_secs(60)).await;
-    assert!(
-        herald.child.try_wait().ok().flatten().is_none(),
-        "herald is still up"
-    );
-    herald.terminate();
-    assert!(lag.is_ok(), "a partition is stuck: {lag:?}");
 
     let events = outcomes.events();
     let finals = one_final_each(&events, &ids);

@@ -70,19 +70,14 @@ async fn ten_sigkills_during_one_load_lose_nothing() {
     for c in chunks {
         produce_all(&p, &f.env.requests, c.to_vec()).await;
     }
-    let done = read_events_until(&mut outcomes, Duration::from_secs(300), |e| {
-        all_final(e, &ids)
-    })
+    f.settle(
+        &mut herald,
+        &mut outcomes,
+        &ids,
+        &log,
+        Duration::from_secs(300),
+    )
     .await;
-    assert!(
-        done,
-        "not every request finished; last log:\n{}",
-        log_tail(&log)
-    );
-    f.wait_quiet(Duration::from_secs(300)).await;
-    let lag = f.wait_lag_zero(Duration::from_secs(60)).await;
-    herald.terminate();
-    assert!(lag.is_ok(), "a partition is stuck: {lag:?}");
 
     let events = outcomes.events();
     let finals = one_final_each(&events, &ids);

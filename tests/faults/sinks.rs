@@ -44,19 +44,14 @@ async fn webhook_500_429_and_hanging_endpoints_fail_retryably_and_nothing_is_stu
     let all: Vec<String> = ids_by_mode.values().flatten().cloned().collect();
     produce_all(&f.producer(), &f.env.requests, messages).await;
     let mut outcomes = f.reader(&f.env.outcomes);
-    let done = read_events_until(&mut outcomes, Duration::from_secs(240), |e| {
-        all_final(e, &all)
-    })
+    f.settle(
+        &mut herald,
+        &mut outcomes,
+        &all,
+        &log,
+        Duration::from_secs(240),
+    )
     .await;
-    assert!(done, "not every request finished; log:\n{}", log_tail(&log));
-    f.wait_quiet(Duration::from_secs(300)).await;
-    let lag = f.wait_lag_zero(Duration::from_secs(60)).await;
-    assert!(
-        herald.child.try_wait().ok().flatten().is_none(),
-        "herald is still up"
-    );
-    herald.terminate();
-    assert!(lag.is_ok(), "a partition is stuck: {lag:?}");
 
     let events = outcomes.events();
     let finals = one_final_each(&events, &all);
@@ -141,14 +136,7 @@ async fn smtp_relay_down_for_ten_seconds_fails_retryably_and_recovers() {
     let (after, m3) = phase("after");
     produce_all(&p, &f.env.requests, m3).await;
     wait_all(&mut outcomes, &after, &log).await;
-    f.wait_quiet(Duration::from_secs(300)).await;
-    let lag = f.wait_lag_zero(Duration::from_secs(60)).await;
-    assert!(
-        herald.child.try_wait().ok().flatten().is_none(),
-        "herald is still up"
-    );
-    herald.terminate();
-    assert!(lag.is_ok(), "a partition is stuck: {lag:?}");
+    f.finish(&mut herald).await;
 
     let all: Vec<String> = [&before, &during, &after]
         .into_iter()

@@ -320,6 +320,33 @@ impl Faults {
         self.env.pool().await
     }
 
+    /// Ends a scenario: waits until the topics are quiet, checks that every
+    /// request partition's committed offset reached its end (lag 0) and
+    /// that Herald is still up, then stops Herald with SIGTERM.
+    pub async fn finish(&self, herald: &mut HeraldProcess) {
+        self.wait_quiet(Duration::from_secs(300)).await;
+        let lag = self.wait_lag_zero(Duration::from_secs(60)).await;
+        let up = herald.child.try_wait().ok().flatten().is_none();
+        herald.terminate();
+        assert!(up, "herald is still up");
+        assert!(lag.is_ok(), "a partition is stuck: {lag:?}");
+    }
+
+    /// Waits (at most `timeout`) until every id has a final outcome, then
+    /// [`Faults::finish`].
+    pub async fn settle(
+        &self,
+        herald: &mut HeraldProcess,
+        outcomes: &mut TopicReader,
+        ids: &[String],
+        log: &Path,
+        timeout: Duration,
+    ) {
+        let done = read_events_until(outcomes, timeout, |e| all_final(e, ids)).await;
+        assert!(done, "not every request finished; log:\n{}", log_tail(log));
+        self.finish(herald).await;
+    }
+
     /// Waits until the outcome and dead-letter topics stop growing for 5 s
     /// (at most `timeout`). Call before [`Faults::wait_lag_zero`]: reading
     /// committed offsets with the group's id while Herald still works has
