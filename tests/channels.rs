@@ -1,9 +1,12 @@
 //! Adapter-level integration tests against real servers on 127.0.0.1:
 //! postfix's `smtp-sink` for SMTP and an axum server for webhooks.
 
+#[path = "common/net.rs"]
+mod net;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,13 +29,7 @@ use secrecy::SecretString;
 
 // ---------------------------------------------------------------- helpers
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use net::free_port;
 
 fn notification(id: &str, channel: Channel, recipient: Recipient, meta: Meta) -> Notification {
     Notification {
@@ -89,27 +86,8 @@ impl SmtpSink {
             .arg(dir.path())
             .status()
             .unwrap();
-        let port = free_port();
         let template = format!("{}/%M.", dir.path().display());
-        let bin = if Path::new("/usr/sbin/smtp-sink").exists() {
-            "/usr/sbin/smtp-sink"
-        } else {
-            "smtp-sink"
-        };
-        let child = Command::new(bin)
-            .args(["-u", "nobody", "-d", &template])
-            .args(extra)
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("100")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("smtp-sink (apt package postfix) must be installed");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "smtp-sink did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let (port, child) = net::start_smtp_sink(&template, extra);
         SmtpSink { child, port, dir }
     }
 

@@ -14,6 +14,8 @@
 
 #[path = "../it/helpers.rs"]
 mod helpers;
+#[path = "../common/net.rs"]
+mod net;
 
 mod broker;
 mod database;

@@ -230,14 +230,7 @@ impl Drop for Tansu {
 }
 
 fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("nothing listens on 127.0.0.1:{port}");
+    crate::net::wait_for_port(port, Duration::from_secs(30));
 }
 
 /// A [`TestEnv`] on any broker and PostgreSQL: topics, group and a fresh
@@ -689,24 +682,26 @@ impl RestartableSmtp {
         s
     }
 
+    /// Starts the sink again on the same port. The port is below the
+    /// ephemeral range, but while the sink was down another test may have
+    /// bound it: keep trying for a while rather than talk to someone else.
     pub fn up(&mut self) {
         let template = format!("{}/%M%S.", self.dir.path().display());
-        let bin = if Path::new("/usr/sbin/smtp-sink").exists() {
-            "/usr/sbin/smtp-sink"
-        } else {
-            "smtp-sink"
-        };
-        let child = Command::new(bin)
-            .args(["-u", "nobody", "-d", &template])
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("256")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start smtp-sink");
-        self.child = Some(child);
-        wait_port(self.port);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) =
+                crate::net::spawn_smtp_sink(self.port, &template, &[], Duration::from_secs(5))
+            {
+                self.child = Some(child);
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "smtp-sink could not take 127.0.0.1:{} again",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     pub fn down(&mut self) {

@@ -380,27 +380,8 @@ impl SmtpSink {
     pub fn start() -> SmtpSink {
         let dir = tempfile::tempdir().expect("tempdir");
         set_mode_777(dir.path());
-        let port = free_port();
-        let bin = ["/usr/sbin/smtp-sink", "smtp-sink"]
-            .into_iter()
-            .find(|b| Path::new(b).exists())
-            .unwrap_or("smtp-sink");
         let template = format!("{}/%M%S.", dir.path().display());
-        let child = Command::new(bin)
-            .args([
-                "-u",
-                "nobody",
-                "-d",
-                &template,
-                &format!("127.0.0.1:{port}"),
-                "256",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start smtp-sink (apt package postfix)");
-        wait_for_port(port);
+        let (port, child) = crate::net::start_smtp_sink(&template, &[]);
         SmtpSink { port, dir, child }
     }
 
@@ -436,22 +417,10 @@ fn set_mode_777(p: &Path) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).expect("chmod");
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+pub use crate::net::free_port;
 
 fn wait_for_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("nothing listens on 127.0.0.1:{port}");
+    crate::net::wait_for_port(port, Duration::from_secs(10));
 }
 
 /// One request received by [`HttpSink`].

@@ -7,6 +7,8 @@
 
 mod api;
 mod helpers;
+#[path = "../common/net.rs"]
+mod net;
 mod policy;
 mod resilience;
 mod spine;
