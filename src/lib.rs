@@ -11,6 +11,7 @@
 //! - [`render`]: inline content and `templates/` files rendered with minijinja.
 //! - [`templates`]: the PostgreSQL template store (versions, resolution chain, cached renderer).
 //! - [`channels`]: the `ChannelAdapter` trait and one file per adapter (SMTP, webhook).
+//! - [`routing`]: the provider registry and the order providers are tried in.
 //! - [`store`]: PostgreSQL repositories (notifications, delivery attempts).
 //! - [`kafka`]: consumer (partition workers, rebalance drain), in-order offset tracker, producer.
 //! - [`pipeline`]: one request through policy → claim → render → send → persist → publish.
@@ -31,6 +32,7 @@ pub mod kafka;
 pub mod pipeline;
 pub mod policy;
 pub mod render;
+pub mod routing;
 pub mod scheduler;
 pub mod store;
 pub mod telemetry;

@@ -143,6 +143,33 @@ pub enum AdapterConfigError {
     Smtp(#[from] smtp::SmtpConfigError),
     #[error(transparent)]
     Webhook(#[from] webhook::WebhookConfigError),
+    /// A registered provider's `config` or `credentials` do not fit its type.
+    #[error("provider {name}: {message}")]
+    Provider { name: String, message: String },
+}
+
+/// What adapters built from the provider registry share with the process:
+/// settings the registry rows do not carry, and the database for the inbox.
+#[derive(Clone)]
+pub struct AdapterContext {
+    pub settings: crate::config::Settings,
+    /// The in-app inbox stores notifications here.
+    pub pool: Option<sqlx::PgPool>,
+}
+
+/// Builds the adapter of one registered provider. Its `provider()` is the
+/// provider's name.
+pub fn build_provider(
+    spec: &crate::routing::ProviderSpec,
+    _ctx: &AdapterContext,
+) -> Result<std::sync::Arc<dyn ChannelAdapter>, AdapterConfigError> {
+    Err(AdapterConfigError::Provider {
+        name: spec.name.clone(),
+        message: format!(
+            "provider type {} is not supported yet",
+            spec.provider_type.as_str()
+        ),
+    })
 }
 
 /// Creates the adapters configured in `settings`: SMTP for email, webhook.
