@@ -26,6 +26,9 @@ pub struct Settings {
     pub policy: PolicySettings,
     pub template_store: TemplateStoreSettings,
     pub api: ApiSettings,
+    pub providers: ProviderSettings,
+    pub routing: RoutingSettings,
+    pub receipts: ReceiptSettings,
 }
 
 /// Kafka client and topic settings.
@@ -209,6 +212,59 @@ pub struct ApiSettings {
     pub max_page_size: i64,
 }
 
+/// The provider registry (see `crate::routing`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSettings {
+    /// Key that encrypts provider credentials at rest: 32 bytes, base64.
+    /// Unset: credentials cannot be stored or read (providers without
+    /// credentials still work). Generate one with `herald providers keygen`.
+    pub encryption_key: Option<SecretString>,
+    /// How often the registry is reloaded from PostgreSQL, in milliseconds
+    /// (changes made through this instance apply at once).
+    pub refresh_ms: u64,
+}
+
+/// Selection, rate limits, circuit breakers and retries.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingSettings {
+    /// First retry delay of the exponential and linear strategies, in milliseconds.
+    pub retry_base_ms: u64,
+    /// Largest retry delay, in milliseconds.
+    pub retry_cap_ms: u64,
+    /// Retries of the built-in (herald.toml) providers.
+    pub builtin_max_retries: u32,
+    /// A rate-limit wait longer than this defers the notification as a due
+    /// row instead of waiting in its lane, in milliseconds.
+    pub max_rate_limit_wait_ms: u64,
+    /// Consecutive failures that open a provider's circuit.
+    pub breaker_failure_threshold: u32,
+    /// How long an open circuit skips its provider before one trial send, in milliseconds.
+    pub breaker_cooldown_ms: u64,
+}
+
+/// Delivery receipts (`POST /webhooks/{provider}`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiptSettings {
+    /// The URL providers reach Herald's HTTP listener at
+    /// (`https://herald.example.com`); status callback URLs are built from it.
+    /// Unset: no callback URL is sent to providers.
+    pub public_base_url: Option<String>,
+    /// SendGrid Event Webhook verification key (base64 DER ECDSA P-256
+    /// public key). Unset: `/webhooks/sendgrid` answers 503.
+    pub sendgrid_verification_key: Option<String>,
+    /// Twilio auth token that signs status callbacks (`X-Twilio-Signature`).
+    /// Unset: `/webhooks/twilio` answers 503.
+    pub twilio_auth_token: Option<SecretString>,
+    /// Secret of the generic signed receipt endpoint (Standard Webhooks,
+    /// `whsec_<base64>` or raw text). Unset: `/webhooks/generic` answers 503.
+    pub signing_secret: Option<SecretString>,
+    /// Largest accepted timestamp skew of signed receipts, in seconds.
+    pub max_skew_secs: u64,
+}
+
 /// Errors loading settings.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -285,6 +341,20 @@ refresh_ms = 5000
 max_body_bytes = 1048576
 default_page_size = 50
 max_page_size = 500
+
+[providers]
+refresh_ms = 5000
+
+[routing]
+retry_base_ms = 1000
+retry_cap_ms = 3600000
+builtin_max_retries = 5
+max_rate_limit_wait_ms = 2000
+breaker_failure_threshold = 5
+breaker_cooldown_ms = 30000
+
+[receipts]
+max_skew_secs = 300
 "#;
 
 impl Settings {
@@ -363,6 +433,18 @@ impl Settings {
         }
         if self.api.default_page_size < 1 || self.api.max_page_size < self.api.default_page_size {
             return bad("api.default_page_size must be at least 1 and at most api.max_page_size");
+        }
+        if self.providers.refresh_ms == 0 {
+            return bad("providers.refresh_ms must be at least 1");
+        }
+        if self.routing.retry_base_ms == 0 || self.routing.retry_cap_ms < self.routing.retry_base_ms
+        {
+            return bad(
+                "routing.retry_base_ms must be at least 1 and at most routing.retry_cap_ms",
+            );
+        }
+        if self.routing.breaker_failure_threshold == 0 {
+            return bad("routing.breaker_failure_threshold must be at least 1");
         }
         if self.smtp.pool_size == 0 {
             return bad("smtp.pool_size must be at least 1");
