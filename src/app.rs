@@ -85,6 +85,10 @@ impl App {
         };
         let adapters: Vec<Arc<dyn ChannelAdapter>> =
             channels::build_adapters(&settings).context("creating channel adapters")?;
+        let router = Arc::new(crate::routing::Router::builtin(
+            adapters,
+            settings.routing.clone(),
+        ));
         let due = DueStore::new(pool.clone());
         let mut pipeline = Pipeline::new(
             NotificationStore::new(
@@ -92,7 +96,7 @@ impl App {
                 Duration::from_millis(settings.pipeline.send_lease_ms),
             ),
             renderer,
-            adapters,
+            router,
             Arc::new(publisher.clone()) as Arc<dyn OutcomePublisher>,
             metrics.clone(),
             settings.pipeline.max_request_bytes,

@@ -7,20 +7,21 @@
 //! Bad input is never an `Err`: it becomes a dead letter plus a `rejected`
 //! outcome, or a `failed` outcome, and processing moves on.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 
-use crate::channels::{ChannelAdapter, SendError};
+use crate::channels::{SendError, SendReceipt};
 use crate::domain::{
-    CancelRequest, Channel, DecodeError, Decoded, DeliveryStatusEvent, ErrorInfo, Notification,
-    Status, decode_message,
+    CancelRequest, DecodeError, Decoded, DeliveryStatusEvent, ErrorInfo, Notification, Status,
+    decode_message,
 };
 use crate::kafka::{OutcomePublisher, PublishError, SourceMessage};
 use crate::policy::{Decision, Evaluation, Policy};
 use crate::render::{RenderedContent, Renderer};
+use crate::routing::limiter::WouldWait;
+use crate::routing::{Provider, Router};
 use crate::store::{AttemptResult, Claim, DueRow, DueStore, NotificationStore, StoreError};
 use crate::telemetry::Metrics;
 
@@ -61,8 +62,9 @@ pub struct Pipeline {
     store: NotificationStore,
     /// Inline content and templates → subject/text/html.
     renderer: Arc<dyn Renderer>,
-    /// One adapter per channel; a channel without one fails its notifications.
-    adapters: HashMap<Channel, Arc<dyn ChannelAdapter>>,
+    /// Providers per channel, circuit breakers, rate limits, retry rules; a
+    /// channel without providers fails its notifications.
+    router: Arc<Router>,
     /// Outcome events and dead letters.
     publisher: Arc<dyn OutcomePublisher>,
     metrics: Metrics,
@@ -78,16 +80,15 @@ impl Pipeline {
     pub fn new(
         store: NotificationStore,
         renderer: Arc<dyn Renderer>,
-        adapters: Vec<Arc<dyn ChannelAdapter>>,
+        router: Arc<Router>,
         publisher: Arc<dyn OutcomePublisher>,
         metrics: Metrics,
         max_request_bytes: usize,
     ) -> Self {
-        let adapters = adapters.into_iter().map(|a| (a.channel(), a)).collect();
         Pipeline {
             store,
             renderer,
-            adapters,
+            router,
             publisher,
             metrics,
             max_request_bytes,
@@ -215,45 +216,21 @@ impl Pipeline {
             match decision {
                 Evaluation::Decided(Decision::SendNow) => {}
                 Evaluation::NoAddress => {
-                    let provider = self.provider_name(&n);
+                    let provider = provider_name(&self.router.candidates(&n));
                     return self.claim_failed(&n, &provider, no_address_error()).await;
                 }
                 Evaluation::Decided(d) => return self.hold(n, d).await,
             }
         }
-        let provider = self.provider_name(&n);
-        let (adapter, content) = match self.prepare(&n) {
-            Ok(ready) => ready,
-            Err(error) => return self.claim_failed(&n, &provider, error).await,
-        };
-
-        let attempt = match self
-            .store
-            .claim(&n, Status::Sending, &provider, None)
-            .await?
-        {
-            Claim::New { attempt } => attempt,
-            Claim::Existing {
-                status: Status::Sending | Status::Accepted,
-                ..
-            } => {
-                // A previous owner stopped between claiming and finishing: the
-                // send may or may not have happened. Send again with the same
-                // idempotency key (the documented at-least-once window).
-                match self.store.take_over(&n.id, &provider).await? {
-                    Some(a) => {
-                        tracing::info!(notification_id = %n.id, attempt = a, "resuming unfinished send");
-                        a
-                    }
-                    // Someone holds the send (lease not expired) or it just
-                    // finished: try this message again shortly.
-                    None => return Err(PipelineError::SendInProgress(n.id.clone())),
-                }
+        let candidates = self.router.candidates(&n);
+        let content = match self.prepare(&n, &candidates) {
+            Ok(content) => content,
+            Err(error) => {
+                let provider = provider_name(&candidates);
+                return self.claim_failed(&n, &provider, error).await;
             }
-            existing => return self.already_handled(&n, existing).await,
         };
-        self.send_attempt(&n, adapter.as_ref(), &content, attempt, &provider)
-            .await
+        self.route(&n, &content, &candidates, Start::Claim, 0).await
     }
 
     /// Fires one due row claimed by the scheduler as `owner`: re-evaluates
@@ -273,22 +250,13 @@ impl Pipeline {
         let attempts = u32::try_from(row.attempts).unwrap_or(0);
         let (status, until, reason, error) = match decision {
             Evaluation::Decided(Decision::SendNow) => {
-                let provider = self.provider_name(&n);
-                match self.prepare(&n) {
-                    Ok((adapter, content)) => {
-                        return match due.start_attempt(&n.id, owner, &provider).await? {
-                            Some(attempt) => {
-                                self.send_attempt(
-                                    &n,
-                                    adapter.as_ref(),
-                                    &content,
-                                    attempt,
-                                    &provider,
-                                )
-                                .await
-                            }
-                            None => Ok(()),
-                        };
+                let candidates = self.router.candidates(&n);
+                match self.prepare(&n, &candidates) {
+                    Ok(content) => {
+                        let start = Start::Due { owner };
+                        return self
+                            .route(&n, &content, &candidates, start, row.retries)
+                            .await;
                     }
                     Err(error) => (Status::Failed, None, error.code.clone(), Some(error)),
                 }
@@ -320,34 +288,25 @@ impl Pipeline {
         Ok(())
     }
 
-    /// The adapter's provider name for `n`'s channel, `none` without one.
-    fn provider_name(&self, n: &Notification) -> String {
-        self.adapters
-            .get(&n.channel)
-            .map_or("none", |a| a.provider())
-            .to_string()
-    }
-
-    /// The adapter and rendered content of `n`, or why it cannot be sent.
+    /// The rendered content of `n`, or why it cannot be sent (no provider
+    /// for its channel, template error).
     fn prepare(
         &self,
         n: &Notification,
-    ) -> Result<(Arc<dyn ChannelAdapter>, RenderedContent), ErrorInfo> {
-        let Some(adapter) = self.adapters.get(&n.channel).cloned() else {
+        candidates: &[Arc<Provider>],
+    ) -> Result<RenderedContent, ErrorInfo> {
+        if candidates.is_empty() {
             return Err(ErrorInfo {
                 code: "channel_unavailable".into(),
-                message: format!("no adapter is configured for channel {}", n.channel),
+                message: format!("no active provider is configured for channel {}", n.channel),
                 retryable: false,
             });
-        };
-        match self.renderer.render(n) {
-            Ok(content) => Ok((adapter, content)),
-            Err(e) => Err(ErrorInfo {
-                code: e.code.as_str().into(),
-                message: e.message,
-                retryable: false,
-            }),
         }
+        self.renderer.render(n).map_err(|e| ErrorInfo {
+            code: e.code.as_str().into(),
+            message: e.message,
+            retryable: false,
+        })
     }
 
     /// Claims `n` as `failed` before any send and publishes the outcome.
@@ -405,19 +364,359 @@ impl Pipeline {
             .inc();
     }
 
-    /// Sends `attempt` of `n`, records it and publishes the outcome.
-    async fn send_attempt(
+    /// Opens the first try of `n` with `provider`: claims a fresh
+    /// notification (`Start::Claim`) or starts the attempt of a due row.
+    async fn open_first(
         &self,
         n: &Notification,
-        adapter: &dyn ChannelAdapter,
+        start: &Start<'_>,
+        provider: &str,
+    ) -> Result<Opened, PipelineError> {
+        match start {
+            Start::Claim => match self.store.claim(n, Status::Sending, provider, None).await? {
+                Claim::New { attempt } => Ok(Opened::Attempt(attempt)),
+                Claim::Existing {
+                    status: Status::Sending | Status::Accepted,
+                    ..
+                } => {
+                    // A previous owner stopped between claiming and finishing:
+                    // the send may or may not have happened. Send again with
+                    // the same idempotency key (the documented at-least-once
+                    // window).
+                    match self.store.take_over(&n.id, provider).await? {
+                        Some(a) => {
+                            tracing::info!(notification_id = %n.id, attempt = a, "resuming unfinished send");
+                            Ok(Opened::Attempt(a))
+                        }
+                        // Someone holds the send (lease not expired) or it
+                        // just finished: try this message again shortly.
+                        None => Err(PipelineError::SendInProgress(n.id.clone())),
+                    }
+                }
+                existing => Ok(Opened::Done(self.already_handled(n, existing).await)),
+            },
+            Start::Due { owner } => {
+                let Some(due) = &self.due else {
+                    return Ok(Opened::Done(Ok(())));
+                };
+                Ok(match due.start_attempt(&n.id, owner, provider).await? {
+                    Some(a) => Opened::Attempt(a),
+                    // Cancelled meanwhile, or the lease was lost.
+                    None => Opened::Done(Ok(())),
+                })
+            }
+        }
+    }
+
+    /// Tries `candidates` in order until one accepts `n`: a provider whose
+    /// circuit is open is skipped, a rate limit is waited for briefly (or
+    /// the provider skipped), a retryable failure moves on to the next
+    /// provider, a permanent failure ends it. Each try is a row in the
+    /// delivery log. When nothing was sent, `n` becomes a due row: `retrying`
+    /// with backoff (or `failed` after the last retry), or — when no provider
+    /// could even be tried — `throttled` (rate limits) / `retrying` (open
+    /// circuits) until one can.
+    async fn route(
+        &self,
+        n: &Notification,
         content: &RenderedContent,
+        candidates: &[Arc<Provider>],
+        start: Start<'_>,
+        retries: i32,
+    ) -> Result<(), PipelineError> {
+        let rm = &self.metrics.routing;
+        let channel = n.channel.as_str();
+        let mut attempt: Option<i32> = None;
+        let mut last: Option<(String, SendError, Duration)> = None;
+        let mut retry_after: Option<Duration> = None;
+        let mut limited: Option<Duration> = None;
+        for (i, p) in candidates.iter().enumerate() {
+            let name = p.spec.name.as_str();
+            if self.router.is_open(name) {
+                rm.circuit_skips.with_label_values(&[name]).inc();
+                continue;
+            }
+            match self.router.acquire(&p.spec).await {
+                Ok(waited) => rm
+                    .rate_limit_wait
+                    .with_label_values(&[name])
+                    .observe(waited.as_secs_f64()),
+                Err(WouldWait(wait)) => {
+                    rm.rate_limit_deferrals.with_label_values(&[name]).inc();
+                    limited = Some(limited.map_or(wait, |l| l.min(wait)));
+                    continue;
+                }
+            }
+            // Half-open: only one trial send; the others skip it.
+            if !self.router.allow(name) {
+                rm.circuit_skips.with_label_values(&[name]).inc();
+                continue;
+            }
+            let opened = match attempt {
+                None => self.open_first(n, &start, name).await,
+                Some(current) => match self.store.next_try(&n.id, current, name).await {
+                    Ok(Some(a)) => Ok(Opened::Attempt(a)),
+                    Ok(None) => Err(PipelineError::SendInProgress(n.id.clone())),
+                    Err(e) => Err(e.into()),
+                },
+            };
+            let a = match opened {
+                Ok(Opened::Attempt(a)) => a,
+                Ok(Opened::Done(r)) => {
+                    self.router.release_trial(name);
+                    return r;
+                }
+                Err(e) => {
+                    self.router.release_trial(name);
+                    return Err(e);
+                }
+            };
+            attempt = Some(a);
+            let started = Instant::now();
+            let result = p.adapter.send(n, content).await;
+            let elapsed = started.elapsed();
+            rm.provider_latency
+                .with_label_values(&[name])
+                .observe(elapsed.as_secs_f64());
+            let e = match result {
+                Ok(receipt) => {
+                    self.router.success(name);
+                    rm.sends.with_label_values(&[channel, name, "sent"]).inc();
+                    return self.finish(n, a, name, Ok(receipt), elapsed).await;
+                }
+                // Permanent: the provider answered and refused this message;
+                // another provider would refuse it too.
+                Err(e) if !e.is_retryable() => {
+                    self.router.success(name);
+                    rm.sends
+                        .with_label_values(&[channel, name, "permanent"])
+                        .inc();
+                    return self.finish(n, a, name, Err(e), elapsed).await;
+                }
+                Err(e) => e,
+            };
+            let label = match e {
+                SendError::RateLimited { .. } => "rate_limited",
+                _ => "retryable",
+            };
+            rm.sends.with_label_values(&[channel, name, label]).inc();
+            if self.router.failure(name) {
+                rm.circuit_opened.with_label_values(&[name]).inc();
+                tracing::warn!(
+                    provider = name,
+                    "circuit opened: skipping the provider for its cool-down"
+                );
+            }
+            tracing::info!(notification_id = %n.id, provider = name, code = e.code(), error = %e.message(), "send failed; trying the next provider");
+            self.metrics
+                .send_duration
+                .with_label_values(&[channel, "retryable"])
+                .observe(elapsed.as_secs_f64());
+            let r = AttemptResult {
+                status: Status::Failed,
+                provider: name.to_string(),
+                provider_message_id: None,
+                error: Some(error_info(&e)),
+                duration_ms: millis(elapsed),
+            };
+            self.store.finish_try(&n.id, a, &r).await?;
+            retry_after = retry_after.max(e.retry_after());
+            if i + 1 < candidates.len() {
+                rm.fallbacks.with_label_values(&[channel, name]).inc();
+            }
+            last = Some((name.to_string(), e, elapsed));
+        }
+        self.update_circuit_gauges();
+        match (attempt, last) {
+            (Some(a), Some((provider, e, elapsed))) => {
+                let Some(primary) = candidates.first() else {
+                    return Ok(());
+                };
+                let retry = u32::try_from(retries).unwrap_or(0).saturating_add(1);
+                let delay = self
+                    .router
+                    .retry_delay(&primary.spec, retry, retry_after)
+                    // A provider that was only rate-limited is free no sooner.
+                    .map(|d| limited.map_or(d, |l| d.max(l)));
+                match (delay, &self.due) {
+                    (Some(d), Some(due)) => {
+                        let until = chrono::Utc::now()
+                            + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+                        let error = error_info(&e);
+                        let attempt_no = u32::try_from(a).unwrap_or(0);
+                        let mut event =
+                            DeliveryStatusEvent::for_notification(n, Status::Retrying, attempt_no);
+                        event.provider = Some(provider);
+                        event.reason = Some(error.code.clone());
+                        event.error = Some(error);
+                        event.next_attempt_at = Some(until);
+                        if due.retry_later(&n.id, a, until, &event).await? {
+                            rm.retries.with_label_values(&[channel]).inc();
+                            self.publish(&event, Some(n)).await?;
+                        }
+                        Ok(())
+                    }
+                    _ => {
+                        rm.retries_exhausted.with_label_values(&[channel]).inc();
+                        self.finish(n, a, &provider, Err(e), elapsed).await
+                    }
+                }
+            }
+            _ => match limited {
+                // Only rate limits stood in the way: wait for a token as a
+                // due row (not a retry: nothing failed).
+                Some(wait) => {
+                    self.wait_for_provider(n, &start, Status::Throttled, wait, retries, candidates)
+                        .await
+                }
+                // Every circuit is open: a failed round without a call.
+                None => {
+                    let reopen =
+                        self.router
+                            .reopens_in(candidates)
+                            .unwrap_or(Duration::from_millis(
+                                self.router.settings().breaker_cooldown_ms,
+                            ));
+                    let retry = u32::try_from(retries).unwrap_or(0).saturating_add(1);
+                    let delay = candidates
+                        .first()
+                        .and_then(|p| self.router.retry_delay(&p.spec, retry, None));
+                    match delay {
+                        Some(d) => {
+                            self.wait_for_provider(
+                                n,
+                                &start,
+                                Status::Retrying,
+                                d.max(reopen),
+                                retries + 1,
+                                candidates,
+                            )
+                            .await
+                        }
+                        None => {
+                            self.metrics
+                                .routing
+                                .retries_exhausted
+                                .with_label_values(&[channel])
+                                .inc();
+                            let error = circuit_open_error();
+                            match start {
+                                Start::Claim => {
+                                    let provider = provider_name(candidates);
+                                    self.claim_failed(n, &provider, error).await
+                                }
+                                Start::Due { owner } => {
+                                    self.settle_due(n, owner, Status::Failed, None, error).await
+                                }
+                            }
+                        }
+                    }
+                }
+            },
+        }
+    }
+
+    /// Defers `n` (nothing was tried) until `wait` from now as `status`
+    /// (`throttled`: rate limits; `retrying`: open circuits), with its retry
+    /// count set to `retries`.
+    async fn wait_for_provider(
+        &self,
+        n: &Notification,
+        start: &Start<'_>,
+        status: Status,
+        wait: Duration,
+        retries: i32,
+        candidates: &[Arc<Provider>],
+    ) -> Result<(), PipelineError> {
+        let error = match status {
+            Status::Throttled => None,
+            _ => Some(circuit_open_error()),
+        };
+        let reason = match status {
+            Status::Throttled => "provider_rate_limit",
+            _ => "circuit_open",
+        };
+        let Some(due) = &self.due else {
+            // Without due work nothing can wait: fail rather than lose it.
+            let provider = provider_name(candidates);
+            let error = error.unwrap_or(ErrorInfo {
+                code: reason.to_string(),
+                message: "no provider can take the notification now".into(),
+                retryable: true,
+            });
+            return self.claim_failed(n, &provider, error).await;
+        };
+        let until = chrono::Utc::now()
+            + chrono::Duration::from_std(wait.max(Duration::from_millis(10)))
+                .unwrap_or(chrono::Duration::MAX);
+        let mut event = DeliveryStatusEvent::for_notification(n, status, 0);
+        event.reason = Some(reason.to_string());
+        event.error = error;
+        event.next_attempt_at = Some(until);
+        let published = match start {
+            Start::Claim => match due.claim_decided(n, status, Some(until), &event).await? {
+                Claim::New { .. } => true,
+                existing => return self.already_handled(n, existing).await,
+            },
+            Start::Due { owner } => {
+                due.settle(&n.id, owner, status, Some(until), Some(&event))
+                    .await?
+            }
+        };
+        if published {
+            due.set_retries(&n.id, retries).await?;
+            self.publish(&event, Some(n)).await?;
+        }
+        Ok(())
+    }
+
+    /// Settles a due row this scheduler holds as `status` (final or
+    /// waiting), storing and publishing the event.
+    async fn settle_due(
+        &self,
+        n: &Notification,
+        owner: &str,
+        status: Status,
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        error: ErrorInfo,
+    ) -> Result<(), PipelineError> {
+        let Some(due) = &self.due else {
+            return Ok(());
+        };
+        let mut event = DeliveryStatusEvent::for_notification(n, status, 0);
+        event.reason = Some(error.code.clone());
+        event.error = Some(error);
+        event.next_attempt_at = until;
+        if due
+            .settle(&n.id, owner, status, until, Some(&event))
+            .await?
+        {
+            self.publish(&event, Some(n)).await?;
+        }
+        Ok(())
+    }
+
+    fn update_circuit_gauges(&self) {
+        for (provider, state) in self.router.breaker_states() {
+            self.metrics
+                .routing
+                .circuit_state
+                .with_label_values(&[&provider])
+                .set(state.gauge());
+        }
+    }
+
+    /// Records the final try `attempt` of `n` (sent, or failed for good) and
+    /// publishes the outcome.
+    async fn finish(
+        &self,
+        n: &Notification,
         attempt: i32,
         provider: &str,
+        result: Result<SendReceipt, SendError>,
+        elapsed: Duration,
     ) -> Result<(), PipelineError> {
         let provider = provider.to_string();
-        let started = Instant::now();
-        let result = adapter.send(n, content).await;
-        let elapsed = started.elapsed();
         let attempt_no = u32::try_from(attempt).unwrap_or(0);
         let (event, attempt_result) = match result {
             Ok(receipt) => {
@@ -426,11 +725,11 @@ impl Pipeline {
                     .with_label_values(&[n.channel.as_str(), "ok"])
                     .observe(elapsed.as_secs_f64());
                 let mut event = DeliveryStatusEvent::for_notification(n, Status::Sent, attempt_no);
-                event.provider = Some(receipt.provider.clone());
+                event.provider = Some(provider.clone());
                 event.provider_message_id = receipt.provider_message_id.clone();
                 let r = AttemptResult {
                     status: Status::Sent,
-                    provider: receipt.provider,
+                    provider: provider.clone(),
                     provider_message_id: receipt.provider_message_id,
                     error: None,
                     duration_ms: millis(elapsed),
@@ -522,6 +821,39 @@ impl Pipeline {
             .with_label_values(&[channel, event.status.as_str()])
             .inc();
         Ok(())
+    }
+}
+
+/// How the first try of a notification opens its attempt.
+enum Start<'a> {
+    /// A fresh request: claim the notification.
+    Claim,
+    /// A due row the scheduler claimed for `owner`.
+    Due { owner: &'a str },
+}
+
+/// What opening the first try found.
+enum Opened {
+    /// This caller owns attempt N.
+    Attempt(i32),
+    /// Nothing to send (already handled, cancelled): the result to return.
+    Done(Result<(), PipelineError>),
+}
+
+/// The first candidate's name (recorded on a notification that fails before
+/// any send), `none` without one.
+fn provider_name(candidates: &[Arc<Provider>]) -> String {
+    candidates
+        .first()
+        .map_or("none", |p| p.spec.name.as_str())
+        .to_string()
+}
+
+fn circuit_open_error() -> ErrorInfo {
+    ErrorInfo {
+        code: "circuit_open".into(),
+        message: "every provider for the channel is failing (circuit breakers open)".into(),
+        retryable: true,
     }
 }
 

@@ -13,6 +13,13 @@
 //! `herald.toml` (`[smtp]`, `[webhook]`) serve as built-in providers, so a
 //! fresh install works without registering anything.
 
+pub mod breaker;
+pub mod limiter;
+pub mod retry;
+pub mod router;
+
+pub use router::Router;
+
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 

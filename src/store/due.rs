@@ -25,6 +25,8 @@ pub struct DueRow {
     pub attempts: i32,
     /// When it was due.
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Retry rounds so far (each ended with every provider failing).
+    pub retries: i32,
 }
 
 /// Repository of due work.
@@ -106,7 +108,7 @@ impl DueStore {
         lease: std::time::Duration,
     ) -> Result<Vec<DueRow>, StoreError> {
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-        type Row = (String, i32, Option<DateTime<Utc>>, Json<Notification>);
+        type Row = (String, i32, Option<DateTime<Utc>>, Json<Notification>, i32);
         let rows: Vec<Row> = sqlx::query_as(&format!(
             r#"
             UPDATE notifications
@@ -118,7 +120,7 @@ impl DueStore {
                 ORDER BY (priority = 'urgent') DESC, next_attempt_at
                 LIMIT $2
                 FOR UPDATE SKIP LOCKED)
-            RETURNING status, attempts, next_attempt_at, payload
+            RETURNING status, attempts, next_attempt_at, payload, retries
             "#
         ))
         .bind(owner)
@@ -127,12 +129,13 @@ impl DueStore {
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(|(status, attempts, next_attempt_at, payload)| {
+            .map(|(status, attempts, next_attempt_at, payload, retries)| {
                 Ok(DueRow {
                     notification: payload.0,
                     status: parse_status(&status)?,
                     attempts,
                     next_attempt_at,
+                    retries,
                 })
             })
             .collect()
@@ -205,6 +208,51 @@ impl DueStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() > 0)
+    }
+
+    /// Ends attempt `attempt` of a notification whose providers all failed
+    /// retryably: it becomes a due row (`retrying`) at `next_attempt_at`,
+    /// its retry count goes up, `event` becomes its last event. Only while
+    /// it is still `sending` (the caller holds the send). False otherwise.
+    pub async fn retry_later(
+        &self,
+        id: &str,
+        attempt: i32,
+        next_attempt_at: DateTime<Utc>,
+        event: &DeliveryStatusEvent,
+    ) -> Result<bool, StoreError> {
+        let error = event.error.as_ref();
+        let done = sqlx::query(
+            r#"
+            UPDATE notifications
+            SET status = 'retrying', next_attempt_at = $3, retries = retries + 1,
+                last_event = $4, provider = $5, error_code = $6, error_message = $7,
+                send_lease_until = NULL, lease_owner = NULL, lease_until = NULL,
+                updated_at = now()
+            WHERE id = $1 AND status = 'sending' AND attempts = $2
+            "#,
+        )
+        .bind(id)
+        .bind(attempt)
+        .bind(next_attempt_at)
+        .bind(Json(event))
+        .bind(event.provider.as_deref())
+        .bind(error.map(|e| e.code.as_str()))
+        .bind(error.map(|e| e.message.as_str()))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Sets the retry count of `id` (a round that failed without a
+    /// provider call: every circuit open).
+    pub async fn set_retries(&self, id: &str, retries: i32) -> Result<(), StoreError> {
+        sqlx::query("UPDATE notifications SET retries = $2 WHERE id = $1")
+            .bind(id)
+            .bind(retries)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Gives a claimed row back (e.g. after an infrastructure error) so it

@@ -164,6 +164,70 @@ impl NotificationStore {
         Ok(attempt)
     }
 
+    /// Starts the next try of a notification this caller is sending (a
+    /// fallback provider after a retryable failure): attempt `attempts + 1`
+    /// with `provider`, written `sending` in the delivery log, and the send
+    /// lease renewed. `None` when the row is no longer `sending` at
+    /// `current` (someone took it over).
+    pub async fn next_try(
+        &self,
+        id: &str,
+        current: i32,
+        provider: &str,
+    ) -> Result<Option<i32>, StoreError> {
+        Ok(sqlx::query_scalar(
+            r#"
+            WITH upd AS (
+                UPDATE notifications
+                SET attempts = attempts + 1, provider = $3, updated_at = now(),
+                    send_lease_until = now() + make_interval(secs => $4)
+                WHERE id = $1 AND status = 'sending' AND attempts = $2
+                RETURNING id, attempts
+            ), attempt AS (
+                INSERT INTO delivery_attempts (notification_id, attempt, provider, status)
+                SELECT id, attempts, $3, 'sending' FROM upd
+            )
+            SELECT attempts FROM upd
+            "#,
+        )
+        .bind(id)
+        .bind(current)
+        .bind(provider)
+        .bind(self.send_lease.as_secs_f64())
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Records how one try ended in the delivery log only (the notification
+    /// stays `sending`: another provider or a retry follows).
+    pub async fn finish_try(
+        &self,
+        id: &str,
+        attempt: i32,
+        result: &AttemptResult,
+    ) -> Result<(), StoreError> {
+        let e = result.error.as_ref();
+        sqlx::query(
+            r#"
+            UPDATE delivery_attempts
+            SET status = $3, provider_message_id = $4, error_code = $5, error_message = $6,
+                retryable = $7, finished_at = now(), duration_ms = $8
+            WHERE notification_id = $1 AND attempt = $2
+            "#,
+        )
+        .bind(id)
+        .bind(attempt)
+        .bind(result.status.as_str())
+        .bind(result.provider_message_id.as_deref())
+        .bind(e.map(|e| e.code.as_str()))
+        .bind(e.map(|e| e.message.as_str()))
+        .bind(e.map(|e| e.retryable))
+        .bind(result.duration_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Finishes `attempt` of `id` and moves the notification to
     /// `result.status`, storing `event` as its last event. Concurrent calls
     /// are written together in one statement (see [`super::batch`]).

@@ -33,6 +33,8 @@ pub struct Metrics {
     /// Preference-update events, by result (`applied`, `stale`: older than
     /// the stored record, `invalid`: skipped).
     pub preference_updates: IntCounterVec,
+    /// Provider routing: sends per provider, rate limits, retries, circuits.
+    pub routing: super::routing::RoutingMetrics,
 }
 
 impl Metrics {
@@ -113,7 +115,9 @@ impl Metrics {
         registry
             .register(Box::new(due_depth.clone()))
             .expect("metric registered once");
+        let routing = super::routing::RoutingMetrics::register(&registry);
         Metrics {
+            routing,
             registry,
             policy_decisions,
             due_depth,

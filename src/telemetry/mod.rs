@@ -4,6 +4,7 @@
 //! bounded sets (channel, status, error code, topic) — never ids or addresses.
 
 pub mod metrics;
+pub mod routing;
 
 pub use metrics::Metrics;
 

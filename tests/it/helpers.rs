@@ -105,6 +105,14 @@ impl TestEnv {
             ("HERALD_SMTP__PORT".into(), "1".into()),
             ("HERALD_SMTP__TIMEOUT_MS".into(), "2000".into()),
             ("HERALD_PIPELINE__SEND_LEASE_MS".into(), "3000".into()),
+            // Retryable failures are final at once and circuits never open,
+            // unless a test about retries and breakers says otherwise.
+            ("HERALD_ROUTING__BUILTIN_MAX_RETRIES".into(), "0".into()),
+            (
+                "HERALD_ROUTING__BREAKER_FAILURE_THRESHOLD".into(),
+                "1000000".into(),
+            ),
+            ("HERALD_ROUTING__RETRY_BASE_MS".into(), "200".into()),
         ];
         for (k, val) in extra {
             v.retain(|(key, _)| key != k);
@@ -430,18 +438,21 @@ pub struct Received {
     pub body: Bytes,
 }
 
-/// A real HTTP server on 127.0.0.1 recording every POST; answers `status`.
+/// A real HTTP server on 127.0.0.1 recording every POST; answers `status`
+/// with the response headers in `headers`.
 pub struct HttpSink {
     pub addr: SocketAddr,
     pub received: Arc<Mutex<Vec<Received>>>,
     pub status: Arc<Mutex<u16>>,
+    pub headers: Arc<Mutex<Vec<(String, String)>>>,
 }
 
 impl HttpSink {
     pub async fn start() -> HttpSink {
         let received = Arc::new(Mutex::new(Vec::new()));
         let status = Arc::new(Mutex::new(200u16));
-        let state = (received.clone(), status.clone());
+        let headers = Arc::new(Mutex::new(Vec::new()));
+        let state = (received.clone(), status.clone(), headers.clone());
         let app = axum::Router::new()
             .route("/{*path}", axum::routing::post(record))
             .with_state(state);
@@ -456,6 +467,7 @@ impl HttpSink {
             addr,
             received,
             status,
+            headers,
         }
     }
 
@@ -483,19 +495,33 @@ impl HttpSink {
     }
 }
 
-type SinkState = (Arc<Mutex<Vec<Received>>>, Arc<Mutex<u16>>);
+type SinkState = (
+    Arc<Mutex<Vec<Received>>>,
+    Arc<Mutex<u16>>,
+    Arc<Mutex<Vec<(String, String)>>>,
+);
 
 async fn record(
-    State((received, status)): State<SinkState>,
+    State((received, status, reply_headers)): State<SinkState>,
     headers: HeaderMap,
     body: Bytes,
-) -> StatusCode {
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
     received
         .lock()
         .expect("lock")
         .push(Received { headers, body });
     let code = *status.lock().expect("lock");
-    StatusCode::from_u16(code).unwrap_or(StatusCode::OK)
+    let mut out = HeaderMap::new();
+    for (k, v) in reply_headers.lock().expect("lock").iter() {
+        if let (Ok(k), Ok(v)) = (
+            axum::http::HeaderName::from_bytes(k.as_bytes()),
+            axum::http::HeaderValue::from_str(v),
+        ) {
+            out.insert(k, v);
+        }
+    }
+    (StatusCode::from_u16(code).unwrap_or(StatusCode::OK), out).into_response()
 }
 
 pub fn manifest_dir() -> PathBuf {

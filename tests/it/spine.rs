@@ -392,25 +392,155 @@ async fn a_batch_request_becomes_one_notification_per_recipient() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn retryable_and_permanent_webhook_failures_are_reported_as_such() {
+async fn retryable_failures_retry_with_growing_backoff_and_permanent_ones_do_not() {
     let env = TestEnv::new(1).await;
     let sink = HttpSink::start().await;
-    let app = RunningApp::start(env.settings(&[])).await;
+    let app = RunningApp::start(env.settings(&[
+        ("HERALD_ROUTING__BUILTIN_MAX_RETRIES", "3".into()),
+        ("HERALD_ROUTING__RETRY_BASE_MS", "400".into()),
+    ]))
+    .await;
+    let p = producer();
+    let mut outcomes = TopicReader::new(&env.outcomes, 1);
+    let request = |id: &str, path: &str| {
+        json!({"id": id, "channel": "webhook", "recipient": {"url": sink.url(path)}, "content": {"text": "x"}})
+            .to_string()
+    };
+
+    // 503 twice: two `retrying` outcomes, the second due later than the
+    // first; then the endpoint recovers and the third try is `sent`.
     *sink.status.lock().expect("lock") = 503;
     let a = format!("r503-{}", suffix());
-    produce(&producer(), &env.requests, "k", json!({"id": a, "channel": "webhook", "recipient": {"url": sink.url("/x")}, "content": {"text": "x"}}).to_string().as_bytes()).await;
-    let mut outcomes = TopicReader::new(&env.outcomes, 1);
-    assert!(outcomes.read_until(WAIT, |r| !r.is_empty()).await);
-    *sink.status.lock().expect("lock") = 404;
-    let b = format!("r404-{}", suffix());
-    produce(&producer(), &env.requests, "k", json!({"id": b, "channel": "webhook", "recipient": {"url": sink.url("/x")}, "content": {"text": "x"}}).to_string().as_bytes()).await;
-    assert!(outcomes.read_until(WAIT, |r| r.len() >= 2).await);
+    produce(&p, &env.requests, "k", request(&a, "/a").as_bytes()).await;
+    assert!(
+        outcomes
+            .read_until(WAIT, |r| r
+                .iter()
+                .filter(|r| r.json()["status"] == "retrying")
+                .count()
+                >= 2)
+            .await
+    );
+    *sink.status.lock().expect("lock") = 200;
+    assert!(
+        outcomes
+            .read_until(WAIT, |r| r.iter().any(|r| r.json()["status"] == "sent"))
+            .await
+    );
     let events = outcomes.events();
-    let ea = events_for(&events, &a)[0];
-    assert_eq!(ea["status"], "failed");
-    assert_eq!(ea["error"]["retryable"], true, "{ea}");
-    let eb = events_for(&events, &b)[0];
-    assert_eq!(eb["error"]["retryable"], false, "{eb}");
+    let ev = events_for(&events, &a);
+    let statuses: Vec<_> = ev
+        .iter()
+        .map(|e| e["status"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(statuses, ["retrying", "retrying", "sent"], "{ev:?}");
+    let due = |e: &serde_json::Value| {
+        chrono::DateTime::parse_from_rfc3339(e["next_attempt_at"].as_str().expect("due time"))
+            .expect("rfc3339")
+    };
+    let occurred = |e: &serde_json::Value| {
+        chrono::DateTime::parse_from_rfc3339(e["occurred_at"].as_str().expect("occurred_at"))
+            .expect("rfc3339")
+    };
+    let first_wait = due(ev[0]) - occurred(ev[0]);
+    let second_wait = due(ev[1]) - occurred(ev[1]);
+    // Equal jitter: retry 1 waits 200-400 ms, retry 2 waits 400-800 ms.
+    assert!(first_wait.num_milliseconds() >= 190, "{first_wait}");
+    assert!(second_wait.num_milliseconds() >= 390, "{second_wait}");
+    assert_eq!(ev[0]["error"]["code"], "http_status", "{}", ev[0]);
+    assert_eq!(ev[0]["error"]["retryable"], true);
+    assert_eq!(ev[2]["attempt"], 3, "{}", ev[2]);
+    let sent_a = sink
+        .received()
+        .iter()
+        .filter(|r| r.headers.get("webhook-id").and_then(|v| v.to_str().ok()) == Some(a.as_str()))
+        .count();
+    assert_eq!(sent_a, 3, "three calls: 503, 503, 200");
+
+    // 429 with Retry-After: 2 → due no sooner than 2 s later.
+    *sink.status.lock().expect("lock") = 429;
+    *sink.headers.lock().expect("lock") = vec![("Retry-After".into(), "2".into())];
+    let c = format!("r429-{}", suffix());
+    produce(&p, &env.requests, "k", request(&c, "/c").as_bytes()).await;
+    assert!(
+        outcomes
+            .read_until(WAIT, |r| r
+                .iter()
+                .any(|r| r.json()["notification_id"] == c.as_str()))
+            .await
+    );
+    *sink.status.lock().expect("lock") = 400;
+    sink.headers.lock().expect("lock").clear();
+    let events = outcomes.events();
+    let ec = events_for(&events, &c);
+    assert_eq!(ec[0]["status"], "retrying", "{}", ec[0]);
+    assert_eq!(ec[0]["error"]["code"], "rate_limited", "{}", ec[0]);
+    let wait = due(ec[0]) - occurred(ec[0]);
+    assert!(
+        wait.num_milliseconds() >= 1990,
+        "Retry-After honoured: {wait}"
+    );
+
+    // 400: failed at once, not retried.
+    let b = format!("r400-{}", suffix());
+    produce(&p, &env.requests, "k", request(&b, "/b").as_bytes()).await;
+    assert!(
+        outcomes
+            .read_until(WAIT, |r| r
+                .iter()
+                .any(|r| r.json()["notification_id"] == b.as_str()))
+            .await
+    );
+    let events = outcomes.events();
+    let eb = events_for(&events, &b);
+    assert_eq!(eb.len(), 1, "{eb:?}");
+    assert_eq!(eb[0]["status"], "failed");
+    assert_eq!(eb[0]["error"]["retryable"], false, "{}", eb[0]);
+    // The 429'd one retries after its 2 s against the 400 endpoint and fails.
+    assert!(
+        outcomes
+            .read_until(WAIT, |r| r.iter().any(|r| r.json()["notification_id"]
+                == c.as_str()
+                && r.json()["status"] == "failed"))
+            .await
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retries_run_out_then_failed() {
+    let env = TestEnv::new(1).await;
+    let sink = HttpSink::start().await;
+    *sink.status.lock().expect("lock") = 503;
+    let app = RunningApp::start(env.settings(&[
+        ("HERALD_ROUTING__BUILTIN_MAX_RETRIES", "2".into()),
+        ("HERALD_ROUTING__RETRY_BASE_MS", "100".into()),
+    ]))
+    .await;
+    let id = format!("exhaust-{}", suffix());
+    produce(&producer(), &env.requests, "k", json!({"id": id, "channel": "webhook", "recipient": {"url": sink.url("/x")}, "content": {"text": "x"}}).to_string().as_bytes()).await;
+    let mut outcomes = TopicReader::new(&env.outcomes, 1);
+    assert!(
+        outcomes
+            .read_until(WAIT, |r| r.iter().any(|r| r.json()["status"] == "failed"))
+            .await
+    );
+    let events = outcomes.events();
+    let statuses: Vec<_> = events_for(&events, &id)
+        .iter()
+        .map(|e| e["status"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(statuses, ["retrying", "retrying", "failed"]);
+    assert_eq!(sink.received().len(), 3, "first try + 2 retries");
+    let row: (String, i32, i32, Option<chrono::DateTime<chrono::Utc>>) = sqlx::query_as(
+        "SELECT status, attempts, retries, failed_at FROM notifications WHERE id = $1",
+    )
+    .bind(&id)
+    .fetch_one(&env.pool().await)
+    .await
+    .expect("row");
+    assert_eq!((row.0.as_str(), row.1, row.2), ("failed", 3, 2));
+    assert!(row.3.is_some(), "failed_at set");
     app.stop().await;
 }
 
