@@ -855,6 +855,7 @@ impl FakeGoogle {
                 "gone" => fcm_error(404, "NOT_FOUND", Some("UNREGISTERED")),
                 "bad" => fcm_error(400, "INVALID_ARGUMENT", Some("INVALID_ARGUMENT")),
                 "busy" => fcm_error(503, "UNAVAILABLE", Some("UNAVAILABLE")),
+                "apns" => fcm_error(401, "UNAUTHENTICATED", Some("THIRD_PARTY_AUTH_ERROR")),
                 "slow" => fcm_error(429, "RESOURCE_EXHAUSTED", Some("QUOTA_EXCEEDED"))
                     .header("retry-after", "2"),
                 _ => Reply::json(
@@ -1063,6 +1064,9 @@ async fn fcm_combines_per_device_results() {
     assert_retryable(&send(&["gone-1", "busy-1"]).await, "provider_unavailable");
     assert_retryable(&send(&["busy-1"]).await, "provider_unavailable");
     assert_rate_limited(&send(&["slow-1"]).await, Duration::from_secs(2));
+    // The app's APNs credentials are wrong: permanent, and our access token
+    // is not the problem (no new token minted).
+    assert_permanent(&send(&["apns-1"]).await, "fcm_third_party_auth");
     let e = send(&["gone-1"]).await;
     assert!(e.message().contains("UNREGISTERED"), "{e:?}");
 

@@ -321,7 +321,11 @@ impl FcmAdapter {
                     .json(&Envelope { message }),
             )
             .await?;
-            if reply.status == reqwest::StatusCode::UNAUTHORIZED && !refreshed {
+            // THIRD_PARTY_AUTH_ERROR (also a 401) is about the app's APNs or
+            // web-push credentials, not our access token.
+            let token_refused = reply.status == reqwest::StatusCode::UNAUTHORIZED
+                && error_code(&reply).is_none_or(|(c, _)| c != "THIRD_PARTY_AUTH_ERROR");
+            if token_refused && !refreshed {
                 tracing::debug!(provider = %self.name, "FCM refused the access token; minting a new one");
                 self.tokens.invalidate(&access).await;
                 refreshed = true;
@@ -421,30 +425,36 @@ struct ErrorDetail {
     error_code: Option<String>,
 }
 
+/// FCM's error code for a failed reply: the `FcmError` detail's
+/// `errorCode`, else the RPC status (`NOT_FOUND`, …).
+fn error_code(reply: &http::Reply) -> Option<(String, Option<String>)> {
+    let error = reply.json::<ErrorBody>()?.error;
+    let code = error
+        .details
+        .iter()
+        .find_map(|d| d.error_code.clone())
+        .or(error.status)?;
+    Some((code, error.message))
+}
+
 /// Maps FCM's answer for one token: an unregistered token, an invalid
-/// argument or a sender mismatch are permanent (`fcm_*`); the rest follows
-/// the shared mapping.
+/// argument, a sender mismatch or an APNs/web-push credential problem are
+/// permanent (`fcm_*`); the rest follows the shared mapping.
 fn check_reply(reply: &http::Reply) -> Result<(), SendError> {
     if reply.status.is_success() {
         return Ok(());
     }
-    let error = reply.json::<ErrorBody>().map(|b| b.error);
-    let fcm_code = error.as_ref().and_then(|e| {
-        e.details
-            .iter()
-            .find_map(|d| d.error_code.clone())
-            .or_else(|| e.status.clone())
-    });
-    let detail = error.as_ref().and_then(|e| match (&fcm_code, &e.message) {
-        (Some(c), Some(m)) => Some(format!("{c}: {m}")),
-        (None, Some(m)) => Some(m.clone()),
-        (Some(c), None) => Some(c.clone()),
-        (None, None) => None,
+    let error = error_code(reply);
+    let fcm_code = error.as_ref().map(|(c, _)| c.as_str());
+    let detail = error.as_ref().map(|(c, m)| match m {
+        Some(m) => format!("{c}: {m}"),
+        None => c.clone(),
     });
     let message = reply.describe(detail.as_deref());
-    let code = match (reply.status.as_u16(), fcm_code.as_deref()) {
+    let code = match (reply.status.as_u16(), fcm_code) {
         (_, Some("UNREGISTERED")) | (404, _) => Some("fcm_unregistered"),
         (_, Some("SENDER_ID_MISMATCH")) => Some("fcm_sender_id_mismatch"),
+        (_, Some("THIRD_PARTY_AUTH_ERROR")) => Some("fcm_third_party_auth"),
         (400, _) | (_, Some("INVALID_ARGUMENT")) => Some("fcm_invalid_argument"),
         _ => None,
     };

@@ -8,8 +8,8 @@
 //! same way); 429 is `RateLimited`; 408 and 5xx are retryable
 //! `provider_unavailable`; other 4xx are permanent `provider_rejected`; 3xx
 //! are permanent `provider_redirect` because API clients never follow
-//! redirects. `Retry-After` (seconds or HTTP date) is honoured, and
-//! `X-RateLimit-Reset` (unix seconds) when it is missing. Adapters refine
+//! redirects. `Retry-After` (seconds or HTTP date) is honoured; on a 429
+//! without it, `X-RateLimit-Reset` (unix seconds). Adapters refine
 //! the code where the provider says more (a Twilio error code, an FCM
 //! `UNREGISTERED` token) before falling back to [`classify_status`].
 
@@ -139,15 +139,30 @@ pub(crate) async fn execute(request: reqwest::RequestBuilder) -> Result<Reply, S
     })
 }
 
-/// The delay a provider asked for: `Retry-After` (seconds or HTTP date),
-/// else `X-RateLimit-Reset` as unix seconds (values below 10^9 are taken
-/// as seconds from now, which some APIs send instead).
+/// The delay a provider asked for in `Retry-After` (seconds or HTTP date).
 pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(d) = text("retry-after").and_then(parse_retry_after) {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after)
+}
+
+/// How long a rate-limited (429) client should wait: `Retry-After`, else
+/// `X-RateLimit-Reset` as unix seconds (values below 10^9 are taken as
+/// seconds from now, which some APIs send instead). Only for 429: SendGrid
+/// sends its rate-limit headers on every reply, and a 503 must not wait
+/// for the end of a rate window.
+pub(crate) fn rate_limit_wait(headers: &HeaderMap) -> Option<Duration> {
+    if let Some(d) = retry_after(headers) {
         return Some(d);
     }
-    let reset: u64 = text("x-ratelimit-reset")?.trim().parse().ok()?;
+    let reset: u64 = headers
+        .get("x-ratelimit-reset")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     if reset < 1_000_000_000 {
         return Some(Duration::from_secs(reset));
     }
@@ -169,7 +184,7 @@ pub(crate) fn classify_status(
     if status == StatusCode::TOO_MANY_REQUESTS {
         return Err(SendError::RateLimited {
             message,
-            retry_after: retry_after(headers),
+            retry_after: rate_limit_wait(headers),
         });
     }
     if status == StatusCode::REQUEST_TIMEOUT || status.is_server_error() {
@@ -275,6 +290,9 @@ mod tests {
         let e = classify(429, &[("x-ratelimit-reset", "1")]).unwrap_err();
         assert_eq!(e.retry_after(), Some(Duration::from_secs(1)));
         assert_eq!(classify(429, &[]).unwrap_err().retry_after(), None);
+        // Not for a 503: only Retry-After counts there.
+        let e = classify(503, &[("x-ratelimit-reset", &in_30s)]).unwrap_err();
+        assert_eq!(e.retry_after(), None);
     }
 
     #[test]
