@@ -4,7 +4,13 @@
 //! [`SendReceipt`] or a [`SendError`] that says whether trying again can help.
 //! One file per adapter.
 
+pub mod fcm;
+pub(crate) mod http;
+pub mod inbox;
+pub mod sendgrid;
 pub mod smtp;
+pub(crate) mod spec;
+pub mod twilio;
 pub mod webhook;
 
 use std::time::Duration;
@@ -158,17 +164,34 @@ pub struct AdapterContext {
 }
 
 /// Builds the adapter of one registered provider. Its `provider()` is the
-/// provider's name.
+/// provider's name. `config` and `credentials` are checked against the
+/// provider type (unknown fields are refused); errors name the field and
+/// never contain a credential value.
 pub fn build_provider(
     spec: &crate::routing::ProviderSpec,
-    _ctx: &AdapterContext,
+    ctx: &AdapterContext,
 ) -> Result<std::sync::Arc<dyn ChannelAdapter>, AdapterConfigError> {
-    Err(AdapterConfigError::Provider {
-        name: spec.name.clone(),
-        message: format!(
-            "provider type {} is not supported yet",
-            spec.provider_type.as_str()
-        ),
+    use crate::routing::ProviderType;
+    use std::sync::Arc;
+
+    if spec.channel != spec.provider_type.channel() {
+        return Err(self::spec::invalid(
+            spec,
+            format!(
+                "a {} provider delivers {}, not {}",
+                spec.provider_type.as_str(),
+                spec.provider_type.channel().as_str(),
+                spec.channel.as_str()
+            ),
+        ));
+    }
+    Ok(match spec.provider_type {
+        ProviderType::Smtp => Arc::new(smtp::SmtpAdapter::from_spec(spec, ctx)?),
+        ProviderType::Sendgrid => Arc::new(sendgrid::SendgridAdapter::from_spec(spec, ctx)?),
+        ProviderType::Twilio => Arc::new(twilio::TwilioAdapter::from_spec(spec, ctx)?),
+        ProviderType::Fcm => Arc::new(fcm::FcmAdapter::from_spec(spec, ctx)?),
+        ProviderType::Webhook => Arc::new(webhook::WebhookAdapter::from_spec(spec, ctx)?),
+        ProviderType::Inbox => Arc::new(inbox::InboxAdapter::from_spec(spec, ctx)?),
     })
 }
 

@@ -46,7 +46,7 @@ use crate::config::{SmtpSettings, SmtpTls};
 use crate::domain::{Channel, Notification};
 use crate::render::RenderedContent;
 
-/// Provider name recorded on attempts and outcomes.
+/// Provider name of the built-in adapter (`[smtp]` in herald.toml).
 const PROVIDER: &str = "smtp";
 
 /// Idle connections older than this are closed instead of reused: relays
@@ -88,10 +88,35 @@ pub enum SmtpConfigError {
     PartialCredentials,
 }
 
+/// A registered `smtp` provider's `config` JSON; unset fields take the
+/// `[smtp]` values from herald.toml.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpProviderConfig {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub tls: Option<SmtpTls>,
+    pub username: Option<String>,
+    pub default_from: Option<String>,
+    pub pool_size: Option<usize>,
+    pub timeout_ms: Option<u64>,
+    pub hello_name: Option<String>,
+}
+
+/// A registered `smtp` provider's `credentials` JSON.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SmtpProviderCredentials {
+    password: Option<secrecy::SecretString>,
+}
+
 /// The SMTP channel adapter with its own connection pool. Cheap to share
 /// behind an `Arc`; safe to call concurrently. Connects lazily: building it
 /// opens no connection (call [`ChannelAdapter::check`] to test the relay).
 pub struct SmtpAdapter {
+    /// Provider name recorded on attempts: `smtp` for the built-in adapter,
+    /// the registered name for one from the provider registry.
+    provider: String,
     /// How to open a connection to the relay.
     connector: Connector,
     /// Sender used when a notification has no `meta.from`.
@@ -109,6 +134,7 @@ impl std::fmt::Debug for SmtpAdapter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Hand-written so credentials can never end up in a log line.
         f.debug_struct("SmtpAdapter")
+            .field("provider", &self.provider)
             .field("host", &self.connector.host)
             .field("port", &self.connector.port)
             .field("tls", &self.connector.tls)
@@ -161,6 +187,7 @@ impl SmtpAdapter {
         };
         let timeout = Duration::from_millis(settings.timeout_ms.max(1));
         Ok(SmtpAdapter {
+            provider: PROVIDER.to_string(),
             connector: Connector {
                 host: settings.host.clone(),
                 port: settings.port,
@@ -175,6 +202,60 @@ impl SmtpAdapter {
             permits: Semaphore::new(settings.pool_size.max(1)),
             timeout,
         })
+    }
+
+    /// Builds the adapter of a registered `smtp` provider. Every `config`
+    /// field defaults to `[smtp]` in herald.toml; `credentials` holds the
+    /// password. The relay login (username and password) is taken from
+    /// herald.toml only when the row names neither and points at the same
+    /// relay, so a row naming another host never receives that password.
+    pub fn from_spec(
+        provider: &crate::routing::ProviderSpec,
+        ctx: &super::AdapterContext,
+    ) -> Result<Self, super::AdapterConfigError> {
+        let config: SmtpProviderConfig = super::spec::config(provider)?;
+        let credentials: SmtpProviderCredentials = super::spec::credentials(provider)?;
+        let base = &ctx.settings.smtp;
+        let same_relay = config.host.as_ref().is_none_or(|h| *h == base.host)
+            && config.port.is_none_or(|p| p == base.port);
+        let (username, password) = match (config.username, credentials.password) {
+            (None, None) if same_relay => (base.username.clone(), base.password.clone()),
+            pair => pair,
+        };
+        let settings = SmtpSettings {
+            host: config.host.unwrap_or_else(|| base.host.clone()),
+            port: config.port.unwrap_or(base.port),
+            tls: config.tls.unwrap_or(base.tls),
+            username,
+            password,
+            default_from: config
+                .default_from
+                .unwrap_or_else(|| base.default_from.clone()),
+            pool_size: config.pool_size.unwrap_or(base.pool_size),
+            timeout_ms: config.timeout_ms.unwrap_or(base.timeout_ms),
+            hello_name: config.hello_name.unwrap_or_else(|| base.hello_name.clone()),
+        };
+        if settings.host.trim().is_empty() {
+            return Err(super::spec::invalid(
+                provider,
+                "config.host must not be empty",
+            ));
+        }
+        let mut adapter = SmtpAdapter::new(&settings).map_err(|e| {
+            let message = match e {
+                SmtpConfigError::DefaultFrom(m) => {
+                    format!("config.default_from is not a valid mailbox: {m}")
+                }
+                SmtpConfigError::HelloName => "config.hello_name must not be empty".into(),
+                SmtpConfigError::Tls(m) => format!("config.tls: {m}"),
+                SmtpConfigError::PartialCredentials => {
+                    "config.username and credentials.password must be set together".into()
+                }
+            };
+            super::spec::invalid(provider, message)
+        })?;
+        adapter.provider = provider.name.clone();
+        Ok(adapter)
     }
 
     /// Takes a reusable idle connection, closing the ones idle for too long.
@@ -439,7 +520,7 @@ impl ChannelAdapter for SmtpAdapter {
     }
 
     fn provider(&self) -> &str {
-        PROVIDER
+        &self.provider
     }
 
     async fn send(
@@ -471,7 +552,7 @@ impl ChannelAdapter for SmtpAdapter {
             Ok(response) => {
                 self.put_back(conn);
                 Ok(SendReceipt {
-                    provider: PROVIDER.to_string(),
+                    provider: self.provider.clone(),
                     provider_message_id: Some(queue_id(&response).unwrap_or(built.message_id)),
                 })
             }

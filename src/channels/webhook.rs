@@ -26,7 +26,7 @@ use crate::config::WebhookSettings;
 use crate::domain::{Channel, Notification};
 use crate::render::RenderedContent;
 
-/// Provider name recorded on attempts and outcomes.
+/// Provider name of the built-in adapter (`[webhook]` in herald.toml).
 const PROVIDER: &str = "webhook";
 
 /// How far a `webhook-timestamp` may be from now for [`verify`] to accept it.
@@ -64,6 +64,9 @@ pub enum WebhookConfigError {
 /// The webhook channel adapter. Cheap to share behind an `Arc`; safe to
 /// call concurrently (one pooled reqwest client inside).
 pub struct WebhookAdapter {
+    /// Provider name recorded on attempts: `webhook` for the built-in
+    /// adapter, the registered name for one from the provider registry.
+    provider: String,
     /// HTTP client: no redirects, no proxy, SSRF-checking resolver unless
     /// private targets are allowed, whole-request timeout.
     client: reqwest::Client,
@@ -78,6 +81,7 @@ pub struct WebhookAdapter {
 impl std::fmt::Debug for WebhookAdapter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhookAdapter")
+            .field("provider", &self.provider)
             .field("block_private", &self.block_private)
             .field("max_response_bytes", &self.max_response_bytes)
             .finish_non_exhaustive()
@@ -98,11 +102,82 @@ impl WebhookAdapter {
             builder = builder.dns_resolver(Arc::new(PublicOnlyResolver));
         }
         Ok(WebhookAdapter {
+            provider: PROVIDER.to_string(),
             client: builder.build()?,
             key: SecretSlice::from(key),
             block_private: !settings.allow_private_targets,
             max_response_bytes: settings.max_response_bytes,
         })
+    }
+}
+
+/// A registered `webhook` provider's `config` JSON; unset fields take the
+/// `[webhook]` values from herald.toml. `allow_private_targets` is not
+/// here on purpose: whether requests may reach private addresses is the
+/// operator's decision (herald.toml), never a registry row's.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookProviderConfig {
+    pub timeout_ms: Option<u64>,
+    pub max_response_bytes: Option<usize>,
+}
+
+/// A registered `webhook` provider's `credentials` JSON; without a
+/// `signing_secret` the one from herald.toml signs.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookProviderCredentials {
+    signing_secret: Option<secrecy::SecretString>,
+}
+
+impl WebhookAdapter {
+    /// Builds the adapter of a registered `webhook` provider.
+    pub fn from_spec(
+        provider: &crate::routing::ProviderSpec,
+        ctx: &super::AdapterContext,
+    ) -> Result<Self, super::AdapterConfigError> {
+        if provider
+            .config
+            .as_object()
+            .is_some_and(|o| o.contains_key("allow_private_targets"))
+        {
+            return Err(super::spec::invalid(
+                provider,
+                "config.allow_private_targets: only herald.toml ([webhook]) may allow private targets",
+            ));
+        }
+        let config: WebhookProviderConfig = super::spec::config(provider)?;
+        let credentials: WebhookProviderCredentials = super::spec::credentials(provider)?;
+        let base = &ctx.settings.webhook;
+        if config.timeout_ms == Some(0) {
+            return Err(super::spec::invalid(
+                provider,
+                "config.timeout_ms must be > 0",
+            ));
+        }
+        let settings = WebhookSettings {
+            signing_secret: credentials
+                .signing_secret
+                .unwrap_or_else(|| base.signing_secret.clone()),
+            timeout_ms: config.timeout_ms.unwrap_or(base.timeout_ms),
+            allow_private_targets: base.allow_private_targets,
+            max_response_bytes: config.max_response_bytes.unwrap_or(base.max_response_bytes),
+        };
+        let mut adapter = WebhookAdapter::new(&settings).map_err(|e| {
+            let message = match e {
+                WebhookConfigError::InvalidSecret => {
+                    "credentials.signing_secret: the part after `whsec_` is not valid base64"
+                        .to_string()
+                }
+                WebhookConfigError::EmptySecret => {
+                    "credentials.signing_secret must not be empty".to_string()
+                }
+                WebhookConfigError::Client(e) => format!("http client: {e}"),
+            };
+            super::spec::invalid(provider, message)
+        })?;
+        adapter.provider = provider.name.clone();
+        Ok(adapter)
     }
 }
 
@@ -264,7 +339,7 @@ impl ChannelAdapter for WebhookAdapter {
     }
 
     fn provider(&self) -> &str {
-        PROVIDER
+        &self.provider
     }
 
     async fn send(
@@ -320,7 +395,7 @@ impl ChannelAdapter for WebhookAdapter {
         let body = read_limited(response, self.max_response_bytes).await;
         classify_status(status, retry_after, &body)?;
         Ok(SendReceipt {
-            provider: PROVIDER.to_string(),
+            provider: self.provider.clone(),
             provider_message_id: Some(notification.id.clone()),
         })
     }

@@ -3,6 +3,7 @@
 
 mod batch;
 pub mod due;
+pub mod inbox;
 pub mod notifications;
 pub mod preferences;
 
@@ -15,6 +16,7 @@ use sqlx::{ConnectOptions, PgPool};
 use crate::config::DatabaseSettings;
 
 pub use due::{DueRow, DueStore};
+pub use inbox::InboxStore;
 pub use notifications::{AttemptResult, Claim, NotificationStore};
 pub use preferences::PreferenceStore;
 
