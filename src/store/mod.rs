@@ -5,6 +5,7 @@ mod batch;
 pub mod due;
 pub mod notifications;
 pub mod preferences;
+pub mod receipts;
 
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use crate::config::DatabaseSettings;
 pub use due::{DueRow, DueStore};
 pub use notifications::{AttemptResult, Claim, NotificationStore};
 pub use preferences::PreferenceStore;
+pub use receipts::ReceiptStore;
 
 /// A database failure. Every variant is transient from the pipeline's point of
 /// view: the message is retried, never dropped.
