@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::channels::{self, ChannelAdapter};
 use crate::config::Settings;
 use crate::http::api::{self, ApiState};
+use crate::http::receipts::{self, ReceiptState};
 use crate::http::{self, HttpState};
 use crate::kafka::consumer::RequestConsumer;
 use crate::kafka::{KafkaPublisher, OutcomePublisher, topics};
@@ -41,6 +42,8 @@ pub struct App {
     preferences: Option<(rdkafka::consumer::StreamConsumer, Arc<Policy>)>,
     /// Stored templates: the pipeline's renderer (when enabled) and the API's.
     templates: Arc<StoreRenderer>,
+    /// Delivery-receipt endpoints (`/webhooks/…`): keys decoded at build.
+    receipts: ReceiptState,
 }
 
 impl App {
@@ -121,6 +124,14 @@ impl App {
                 lease: Duration::from_millis(settings.policy.scheduler_lease_ms),
             },
         );
+        let receipts = ReceiptState::new(
+            pool.clone(),
+            Arc::new(publisher.clone()) as Arc<dyn OutcomePublisher>,
+            metrics.clone(),
+            Some(policy.clone()),
+            &settings,
+        )
+        .context("delivery receipt settings")?;
         let preferences = match &settings.kafka.preference_topic {
             Some(topic) => Some((
                 crate::kafka::preferences::consumer(&settings.kafka, topic)
@@ -145,6 +156,7 @@ impl App {
             scheduler,
             preferences,
             templates,
+            receipts,
         })
     }
 
@@ -189,7 +201,9 @@ impl App {
             );
         }
         let http_token = token.clone();
-        let router = http::router(http_state).merge(api::router(api_state));
+        let router = http::router(http_state)
+            .merge(api::router(api_state))
+            .merge(receipts::router(self.receipts));
         let server = axum::serve(self.listener, router)
             .with_graceful_shutdown(async move { http_token.cancelled().await });
         let http_task = tokio::spawn(async move { server.await });

@@ -17,7 +17,8 @@
 //! - [`pipeline`]: one request through policy → claim → render → send → persist → publish.
 //! - [`policy`]: preferences, quiet hours, frequency caps, schedule and expiry as one pure decision.
 //! - [`scheduler`]: the due-work loop that fires scheduled, deferred and throttled rows.
-//! - [`http`]: `/healthz`, `/readyz`, `/metrics`; [`http::api`]: the admin/query API (`/v1/…`, bearer keys).
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics`; [`http::api`]: the admin/query API (`/v1/…`, bearer keys);
+//!   [`http::receipts`]: provider delivery receipts (`/webhooks/sendgrid|twilio|generic`, signature-verified).
 //! - [`telemetry`]: tracing setup and Prometheus metrics.
 //! - [`app`]: wires it all together; `App::build` then `run_until_stopped`.
 //! - [`bench`]: `herald bench`, the end-to-end benchmark against baselines.

@@ -2,7 +2,8 @@
 //! the code produces: every example under `schemas/examples/` is accepted,
 //! every one under `schemas/examples/invalid/` is refused (with the code its
 //! file name names), and every published `Status` serializes to a valid
-//! delivery-status event.
+//! delivery-status event. Generic delivery receipts (`receipt-*`) are checked
+//! against `receipt.v1.json` and the parser `/webhooks/generic` uses.
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +12,7 @@ use herald::domain::{
     Channel, DecodeErrorCode, DeliveryStatusEvent, ErrorInfo, Status, check_schemas,
     decode_request, validate_delivery_status,
 };
+use herald::http::receipts::{parse_generic, validate_receipt};
 
 const MAX: usize = 1024 * 1024;
 
@@ -43,6 +45,7 @@ fn schemas_compile() {
 fn valid_examples_are_accepted() {
     let mut requests = 0;
     let mut statuses = 0;
+    let mut receipts = 0;
     for path in examples("schemas/examples") {
         let bytes = std::fs::read(&path).unwrap();
         let n = name(&path);
@@ -59,11 +62,16 @@ fn valid_examples_are_accepted() {
             // And the Rust type reads it back.
             let _: DeliveryStatusEvent = serde_json::from_value(v).unwrap();
             statuses += 1;
+        } else if n.starts_with("receipt-") {
+            if let Err(e) = parse_generic(&bytes) {
+                panic!("{n}: {e}");
+            }
+            receipts += 1;
         } else {
-            panic!("{n}: example names start with request- or status-");
+            panic!("{n}: example names start with request-, status- or receipt-");
         }
     }
-    assert!(requests >= 5 && statuses >= 3);
+    assert!(requests >= 5 && statuses >= 3 && receipts >= 3);
 }
 
 /// Invalid request examples are named `request-<code>-<what>.json`; the
@@ -85,8 +93,12 @@ fn invalid_examples_are_refused() {
         } else if n.starts_with("status-") {
             let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
             assert!(validate_delivery_status(&v).is_err(), "{n}: accepted");
+        } else if n.starts_with("receipt-") {
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            assert!(validate_receipt(&v).is_err(), "{n}: accepted");
+            assert!(parse_generic(&bytes).is_err(), "{n}: parsed");
         } else {
-            panic!("{n}: example names start with request- or status-");
+            panic!("{n}: example names start with request-, status- or receipt-");
         }
     }
 }

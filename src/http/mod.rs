@@ -1,7 +1,9 @@
 //! The HTTP listener: `/healthz`, `/readyz`, `/metrics`; the admin/query API
-//! lives in [`api`] and is merged into the same router by the app.
+//! lives in [`api`] and the provider callbacks (`/webhooks/…`) in
+//! [`receipts`]; the app merges them into the same router.
 
 pub mod api;
+pub mod receipts;
 
 use std::sync::Arc;
 use std::time::Duration;

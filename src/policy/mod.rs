@@ -150,6 +150,12 @@ impl Policy {
         }
     }
 
+    /// Forgets the cached suppression status of `address` for every tenant
+    /// (a delivery receipt has just suppressed it).
+    pub fn forget_address(&self, address: &str) {
+        self.suppressed.retain(|k| k.1 != address);
+    }
+
     fn key(n: &Notification) -> PrefKey {
         (
             n.tenant_id.clone().unwrap_or_default(),

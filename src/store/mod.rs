@@ -6,6 +6,7 @@ pub mod due;
 pub mod inbox;
 pub mod notifications;
 pub mod preferences;
+pub mod receipts;
 
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ pub use due::{DueRow, DueStore};
 pub use inbox::InboxStore;
 pub use notifications::{AttemptResult, Claim, NotificationStore};
 pub use preferences::PreferenceStore;
+pub use receipts::ReceiptStore;
 
 /// A database failure. Every variant is transient from the pipeline's point of
 /// view: the message is retried, never dropped.

@@ -35,6 +35,15 @@ pub struct Metrics {
     pub preference_updates: IntCounterVec,
     /// Provider routing: sends per provider, rate limits, retries, circuits.
     pub routing: super::routing::RoutingMetrics,
+    /// Delivery-receipt events, by provider (`sendgrid`, `twilio`,
+    /// `generic`), receipt status (`delivered`, `bounced`, `soft_bounce`,
+    /// `deferred`, `dropped`, `failed`, `spam_complaint`, `unsubscribed`,
+    /// `open`, `click`, `accepted`, `other`; `none` for refused requests) and
+    /// outcome (`matched`: status changed, `suppressed`: address added with
+    /// no status change, `duplicate`, `ignored`, `unmatched`, `pending`:
+    /// not sent yet, retry asked; per request: `invalid_signature`,
+    /// `malformed`, `unconfigured`).
+    pub receipts: IntCounterVec,
 }
 
 impl Metrics {
@@ -84,6 +93,11 @@ impl Metrics {
             "Preference-update events consumed, by result (applied, stale, invalid).",
             &["result"],
         );
+        let receipts = counter(
+            "herald_receipts_total",
+            "Delivery-receipt events received, by provider, receipt status and outcome.",
+            &["provider", "status", "outcome"],
+        );
         let send_duration = HistogramVec::new(
             HistogramOpts::new(
                 "herald_send_duration_seconds",
@@ -122,6 +136,7 @@ impl Metrics {
             policy_decisions,
             due_depth,
             preference_updates,
+            receipts,
             requests_consumed,
             outcomes,
             send_duration,

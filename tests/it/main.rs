@@ -10,5 +10,6 @@ mod helpers;
 #[path = "../common/net.rs"]
 mod net;
 mod policy;
+mod receipts;
 mod resilience;
 mod spine;
