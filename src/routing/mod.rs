@@ -13,6 +13,10 @@
 //! `herald.toml` (`[smtp]`, `[webhook]`) serve as built-in providers, so a
 //! fresh install works without registering anything.
 
+pub mod crypto;
+pub mod load;
+pub mod store;
+
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
