@@ -27,7 +27,7 @@ pub enum ProvidersCommand {
     /// Register a provider.
     ///
     /// Example: herald providers add --name sendgrid-main --type sendgrid
-    ///   --config '{"from":"ops@example.com"}' --credentials - --priority 10 < key.json
+    ///   --provider-config '{"from":"ops@example.com"}' --credentials - --priority 10 < key.json
     Add(Box<AddArgs>),
     /// List the providers (credentials are never shown; CREDS says whether some are stored).
     List,
@@ -54,8 +54,9 @@ pub struct CommonArgs {
     /// email, sms, push, webhook, in_app (default: the type's channel).
     #[arg(long)]
     pub channel: Option<String>,
-    /// Non-secret settings: a JSON object, or @FILE.
-    #[arg(long)]
+    /// Non-secret settings: a JSON object, or @FILE. (Not `--config`: that
+    /// global flag names Herald's settings file.)
+    #[arg(long = "provider-config", id = "provider_config")]
     pub config: Option<String>,
     /// Secrets: a JSON object, @FILE, or `-` to read stdin (preferred: a
     /// value on the command line is visible in the process list).
@@ -147,13 +148,13 @@ fn status(s: &str) -> anyhow::Result<ProviderStatus> {
     ProviderStatus::parse(s).with_context(|| format!("unknown status {s:?} (active, inactive)"))
 }
 
-/// `--config`: a JSON object or @FILE.
+/// `--provider-config`: a JSON object or @FILE.
 fn config_arg(v: &str) -> anyhow::Result<serde_json::Value> {
     let text = match v.strip_prefix('@') {
         Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
         None => v.to_string(),
     };
-    serde_json::from_str(&text).context("--config is not JSON")
+    serde_json::from_str(&text).context("--provider-config is not JSON")
 }
 
 /// `--credentials`: a JSON object, @FILE or `-` (stdin). The text is
