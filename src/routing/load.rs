@@ -35,7 +35,9 @@ use super::store::{
     Loaded, ProviderRow, ProviderStatus, ProviderStore, ProviderStoreError, StoredSpec,
 };
 use super::{Provider, ProviderSpec, Registry};
-use crate::channels::{AdapterContext, ChannelAdapter, SendError, SendReceipt, build_provider};
+use crate::channels::{
+    AdapterConfigError, AdapterContext, ChannelAdapter, SendError, SendReceipt, build_provider,
+};
 use crate::domain::{Channel, Notification};
 use crate::render::RenderedContent;
 use secrecy::SecretString;
@@ -80,8 +82,25 @@ pub async fn load_providers(
     Ok((providers, errors))
 }
 
+/// Builds the adapter of one spec.
+pub type BuildFn = dyn Fn(&ProviderSpec, &AdapterContext) -> Result<Arc<dyn ChannelAdapter>, AdapterConfigError>
+    + Send
+    + Sync;
+
+/// How a loader turns a spec into an adapter: [`build_provider`] unless a
+/// test gives another.
+pub type BuildAdapter = Arc<BuildFn>;
+
 fn build(s: &StoredSpec, ctx: &AdapterContext) -> Result<Arc<Provider>, LoadError> {
-    match build_provider(&s.spec, ctx) {
+    build_with(&build_provider, s, ctx)
+}
+
+fn build_with(
+    builder: &BuildFn,
+    s: &StoredSpec,
+    ctx: &AdapterContext,
+) -> Result<Arc<Provider>, LoadError> {
+    match builder(&s.spec, ctx) {
         Ok(adapter) => Ok(Arc::new(Provider {
             spec: s.spec.clone(),
             adapter,
@@ -171,9 +190,11 @@ pub struct RegistryLoader {
     /// By name: what the registry holds now.
     current: HashMap<String, Entry>,
     status: LoadStatus,
+    builder: BuildAdapter,
 }
 
 impl RegistryLoader {
+    /// A loader building adapters with [`build_provider`].
     pub fn new(store: ProviderStore, cipher: Arc<Cipher>, ctx: AdapterContext) -> Self {
         RegistryLoader {
             store,
@@ -181,7 +202,14 @@ impl RegistryLoader {
             ctx,
             current: HashMap::new(),
             status: LoadStatus::default(),
+            builder: Arc::new(build_provider),
         }
+    }
+
+    /// Builds adapters with `builder` instead (tests).
+    pub fn with_builder(mut self, builder: BuildAdapter) -> Self {
+        self.builder = builder;
+        self
     }
 
     /// The shared load state this loader updates.
@@ -224,7 +252,7 @@ impl RegistryLoader {
                 continue;
             }
             let entry = match item {
-                Loaded::Spec(s) => match build(&s, &self.ctx) {
+                Loaded::Spec(s) => match build_with(self.builder.as_ref(), &s, &self.ctx) {
                     Ok(p) => Entry {
                         updated_at,
                         provider: Some(p),
