@@ -411,11 +411,14 @@ pub fn spawn_refresh(
     tokio::spawn(async move {
         // Capacity 1: notifications arriving during a reload coalesce into one.
         let (tx, mut rx) = mpsc::channel::<()>(1);
-        let listener = tokio::spawn(listen(
-            loader.store().pool().clone(),
-            tx,
-            shutdown.child_token(),
-        ));
+        // The listener holds its connection for good: give it its own
+        // one-connection pool so the shared pool keeps its full size.
+        let options = (*loader.store().pool().connect_options()).clone();
+        let listen_pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_lazy_with(options);
+        let listener = tokio::spawn(listen(listen_pool, tx, shutdown.child_token()));
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

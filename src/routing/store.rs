@@ -427,7 +427,7 @@ impl ProviderStore {
     }
 
     /// Applies `patch` to the provider called `name` (validating the
-    /// result as a whole) and returns it. New credentials are encrypted with
+    /// result as a whole) and returns it; an empty patch writes nothing. New credentials are encrypted with
     /// `cipher`; unchanged ones stay as stored.
     pub async fn update(
         &self,
@@ -435,6 +435,10 @@ impl ProviderStore {
         patch: ProviderPatch,
         cipher: &Cipher,
     ) -> Result<ProviderRow, ProviderStoreError> {
+        if patch.is_empty() {
+            // Nothing to write: no new version, no reload anywhere.
+            return self.get(name).await;
+        }
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
             "SELECT {ROW_COLUMNS} FROM providers WHERE name = $1 FOR UPDATE"
