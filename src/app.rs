@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::channels::{self, ChannelAdapter};
 use crate::config::Settings;
+use crate::http::api::providers::ProviderApi;
 use crate::http::api::{self, ApiState};
 use crate::http::receipts::{self, ReceiptState};
 use crate::http::{self, HttpState};
@@ -22,6 +23,10 @@ use crate::kafka::{KafkaPublisher, OutcomePublisher, topics};
 use crate::pipeline::Pipeline;
 use crate::policy::{Policy, SystemClock};
 use crate::render::Renderer;
+use crate::routing::Registry;
+use crate::routing::crypto::Cipher;
+use crate::routing::load::{RegistryLoader, builtin_providers, spawn_refresh};
+use crate::routing::store::ProviderStore;
 use crate::scheduler::{Scheduler, SchedulerSettings};
 use crate::store::{self, DueStore, NotificationStore, PreferenceStore};
 use crate::telemetry::Metrics;
@@ -44,6 +49,8 @@ pub struct App {
     templates: Arc<StoreRenderer>,
     /// Delivery-receipt endpoints (`/webhooks/…`): keys decoded at build.
     receipts: ReceiptState,
+    /// The provider registry and what keeps it current (see [`Providers`]).
+    providers: Providers,
 }
 
 impl App {
@@ -88,9 +95,11 @@ impl App {
         };
         let adapters: Vec<Arc<dyn ChannelAdapter>> =
             channels::build_adapters(&settings).context("creating channel adapters")?;
-        let router = Arc::new(crate::routing::Router::builtin(
-            adapters,
+        let providers = Providers::build(&settings, &pool, &adapters).await?;
+        let router = Arc::new(crate::routing::Router::new(
+            providers.registry.clone(),
             settings.routing.clone(),
+            crate::routing::limiter::Share::default(),
         ));
         let due = DueStore::new(pool.clone());
         let mut pipeline = Pipeline::new(
@@ -157,7 +166,14 @@ impl App {
             preferences,
             templates,
             receipts,
+            providers,
         })
+    }
+
+    /// The provider registry: registered providers (kept current while
+    /// running) and the built-in ones.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.providers.registry.clone()
     }
 
     /// The address the HTTP server listens on (useful with port 0).
@@ -193,7 +209,14 @@ impl App {
             templates: self.templates.clone(),
             template_store: TemplateStore::new(self.pool.clone()),
             settings: Arc::new(self.settings.clone()),
+            providers: self.providers.api.clone(),
         };
+        let providers_task = spawn_refresh(
+            self.providers.registry.clone(),
+            self.providers.loader,
+            Duration::from_millis(self.settings.providers.refresh_ms),
+            token.child_token(),
+        );
         if self.settings.template_store.enabled {
             self.templates.spawn_refresh(
                 Duration::from_millis(self.settings.template_store.refresh_ms),
@@ -246,6 +269,7 @@ impl App {
             }
         };
         let _ = scheduler_task.await;
+        let _ = providers_task.await;
         if let Some(t) = preferences_task {
             let _ = t.await;
         }
@@ -255,6 +279,55 @@ impl App {
             Some(Ok(())) | None => Ok(()),
             Some(Err(e)) => Err(anyhow::Error::new(e).context("the Kafka consumer failed")),
         }
+    }
+}
+
+// --- The provider registry (issue 5) ---------------------------------------
+
+/// The provider registry of one instance: the registry the pipeline selects
+/// from, the loader that keeps it current (moved into the refresh task when
+/// the app runs) and what the `/v1/providers` API needs.
+struct Providers {
+    registry: Arc<Registry>,
+    loader: RegistryLoader,
+    api: ProviderApi,
+}
+
+impl Providers {
+    /// Checks the encryption key (a bad one stops the start: it could not
+    /// read any credentials), registers the `herald.toml` adapters as
+    /// built-ins and loads the table once. A database failure here is not
+    /// fatal: the refresh task retries.
+    async fn build(
+        settings: &Settings,
+        pool: &PgPool,
+        adapters: &[Arc<dyn ChannelAdapter>],
+    ) -> anyhow::Result<Providers> {
+        let cipher =
+            Arc::new(Cipher::from_settings(&settings.providers).context("[providers] settings")?);
+        let store = ProviderStore::new(pool.clone());
+        let ctx = channels::AdapterContext {
+            settings: settings.clone(),
+            pool: Some(pool.clone()),
+        };
+        let registry = Arc::new(Registry::with_builtin(builtin_providers(
+            adapters, settings,
+        )));
+        let mut loader = RegistryLoader::new(store.clone(), cipher.clone(), ctx.clone());
+        if let Err(e) = loader.reload(&registry).await {
+            tracing::warn!(error = %e, "loading the provider registry failed; retrying in the background");
+        }
+        let api = ProviderApi {
+            store,
+            cipher,
+            status: loader.status(),
+            ctx,
+        };
+        Ok(Providers {
+            registry,
+            loader,
+            api,
+        })
     }
 }
 

@@ -1,5 +1,5 @@
 //! The `herald` command line: `serve`, `migrate`, `send`, `topics ensure`,
-//! `keys`, `templates` (the last two in `cli/`).
+//! `retry`, `keys`, `templates`, `prefs`, `providers` (the last four in `cli/`).
 
 mod cli;
 
@@ -18,6 +18,7 @@ use herald::app::{App, shutdown_signal};
 use herald::config::Settings;
 use herald::domain::DeliveryStatusEvent;
 use herald::kafka::{self, KafkaPublisher, topics};
+use herald::store::RetryOutcome;
 
 /// Herald: Kafka-native notification delivery.
 ///
@@ -72,6 +73,17 @@ enum Command {
     Templates {
         #[command(subcommand)]
         command: cli::templates::TemplatesCommand,
+    },
+    /// The provider registry: add, list, update, set-status, remove, validate, keygen.
+    Providers {
+        #[command(subcommand)]
+        command: cli::providers::ProvidersCommand,
+    },
+    /// Send a `failed` notification again: it becomes `retrying`, due now,
+    /// and the scheduler of a running instance re-sends it (attempts are kept).
+    Retry {
+        /// The notification id.
+        id: String,
     },
 }
 
@@ -170,8 +182,28 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Keys { command } => cli::keys::run(&settings, command).await,
             Command::Templates { command } => cli::templates::run(&settings, command).await,
+            Command::Providers { command } => cli::providers::run(&settings, command).await,
+            Command::Retry { id } => retry(&settings, &id).await,
         }
     })
+}
+
+/// `herald retry <id>`: a `failed` notification becomes due again now.
+async fn retry(settings: &Settings, id: &str) -> anyhow::Result<()> {
+    let pool = herald::store::pool(&settings.database)?;
+    match herald::store::DueStore::new(pool).retry_failed(id).await? {
+        RetryOutcome::Due { attempts } => {
+            println!(
+                "{id}: retrying now ({attempts} attempt(s) so far; a running instance's scheduler sends it)"
+            );
+            Ok(())
+        }
+        RetryOutcome::NotFailed { status } => bail!(
+            "{id} is {}, not failed: only failed notifications can be retried",
+            status.as_str()
+        ),
+        RetryOutcome::NotFound => bail!("no notification with id {id:?}"),
+    }
 }
 
 async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<()> {

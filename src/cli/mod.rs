@@ -2,4 +2,5 @@
 
 pub mod keys;
 pub mod prefs;
+pub mod providers;
 pub mod templates;

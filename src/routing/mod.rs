@@ -19,6 +19,9 @@ pub mod retry;
 pub mod router;
 
 pub use router::Router;
+pub mod crypto;
+pub mod load;
+pub mod store;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};

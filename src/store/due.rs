@@ -330,6 +330,51 @@ impl DueStore {
         .await?;
         Ok(events.into_iter().map(|j| j.0).collect())
     }
+
+    /// Makes the `failed` notification `id` due again now (status
+    /// `retrying`, `next_attempt_at = now()`, attempts kept, a fresh retry
+    /// budget) so the scheduler sends it again: `herald retry`. Any other status, or no
+    /// such notification, is reported and nothing changes.
+    pub async fn retry_failed(&self, id: &str) -> Result<RetryOutcome, StoreError> {
+        let attempts: Option<i32> = sqlx::query_scalar(
+            "UPDATE notifications
+             SET status = 'retrying', next_attempt_at = now(), failed_at = NULL, retries = 0,
+                 lease_owner = NULL, lease_until = NULL, updated_at = now()
+             WHERE id = $1 AND status = 'failed'
+             RETURNING attempts",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(attempts) = attempts {
+            return Ok(RetryOutcome::Due { attempts });
+        }
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM notifications WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(match status {
+            Some(s) => RetryOutcome::NotFailed {
+                status: parse_status(&s)?,
+            },
+            None => RetryOutcome::NotFound,
+        })
+    }
+}
+
+/// What [`DueStore::retry_failed`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryOutcome {
+    /// The notification is `retrying` and due now; `attempts` so far.
+    Due {
+        attempts: i32,
+    },
+    /// Only `failed` notifications are retried; this one is `status`.
+    NotFailed {
+        status: Status,
+    },
+    NotFound,
 }
 
 fn parse_status(s: &str) -> Result<Status, StoreError> {

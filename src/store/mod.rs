@@ -16,7 +16,7 @@ use sqlx::{ConnectOptions, PgPool};
 
 use crate::config::DatabaseSettings;
 
-pub use due::{DueRow, DueStore};
+pub use due::{DueRow, DueStore, RetryOutcome};
 pub use inbox::InboxStore;
 pub use notifications::{AttemptResult, Claim, NotificationStore};
 pub use preferences::PreferenceStore;

@@ -7,9 +7,7 @@
 //! checks every entry is documented in `openapi.json` (checked in at the
 //! repository root).
 //!
-//! Not here yet: the in-app inbox (no inbox adapter exists) and provider
-//! management (no provider registry yet): `GET /v1/providers` shows the
-//! configured adapters read-only, without secrets.
+//! Not here yet: the in-app inbox (no inbox adapter exists).
 
 pub mod auth;
 pub mod delivery_logs;
@@ -27,7 +25,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, header};
 use axum::response::IntoResponse;
-use axum::routing::{MethodRouter, get, post, put};
+use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use rdkafka::producer::FutureProducer;
@@ -54,6 +52,8 @@ pub struct ApiState {
     pub template_store: TemplateStore,
     /// Read-only settings (limits, adapters for `/v1/providers`).
     pub settings: Arc<Settings>,
+    /// The provider registry: store, cipher, load state.
+    pub providers: providers::ProviderApi,
 }
 
 /// Every API route: method, path (axum syntax) and handler.
@@ -108,6 +108,23 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<ApiState>)> {
         ),
         (Method::GET, "/v1/stats", get(stats::stats)),
         (Method::GET, "/v1/providers", get(providers::list)),
+        (Method::POST, "/v1/providers", post(providers::create)),
+        (Method::GET, "/v1/providers/{name}", get(providers::get_one)),
+        (
+            Method::PATCH,
+            "/v1/providers/{name}",
+            patch(providers::update),
+        ),
+        (
+            Method::DELETE,
+            "/v1/providers/{name}",
+            delete(providers::remove),
+        ),
+        (
+            Method::POST,
+            "/v1/providers/{name}/validate",
+            post(providers::validate),
+        ),
     ]
 }
 
