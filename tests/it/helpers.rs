@@ -113,6 +113,11 @@ impl TestEnv {
                 "1000000".into(),
             ),
             ("HERALD_ROUTING__RETRY_BASE_MS".into(), "200".into()),
+            (
+                "HERALD_PROVIDERS__ENCRYPTION_KEY".into(),
+                TEST_ENCRYPTION_KEY.into(),
+            ),
+            ("HERALD_PROVIDERS__REFRESH_MS".into(), "500".into()),
         ];
         for (k, val) in extra {
             v.retain(|(key, _)| key != k);
@@ -375,6 +380,21 @@ pub fn finals_by_notification(
         }
     }
     m
+}
+
+/// The provider-credentials key of every test app (32 bytes of 0x2a).
+pub const TEST_ENCRYPTION_KEY: &str = "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
+
+/// Registers a provider in the test database, credentials encrypted with
+/// [`TEST_ENCRYPTION_KEY`]. Running apps pick it up through NOTIFY; start
+/// the app after registering to have it from the first message.
+pub async fn register_provider(env: &TestEnv, p: herald::routing::store::NewProvider) {
+    let cipher =
+        herald::routing::crypto::Cipher::from_base64(TEST_ENCRYPTION_KEY).expect("test key");
+    herald::routing::store::ProviderStore::new(env.pool().await)
+        .create(p, &cipher)
+        .await
+        .expect("register provider");
 }
 
 /// postfix's smtp-sink on a free 127.0.0.1 port, dumping each message to a file.
