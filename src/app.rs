@@ -51,6 +51,9 @@ pub struct App {
     receipts: ReceiptState,
     /// The provider registry and what keeps it current (see [`Providers`]).
     providers: Providers,
+    /// Provider selection, circuit breakers and rate limits (shared with
+    /// the pipeline; `/readyz` shows the circuits).
+    router: Arc<crate::routing::Router>,
 }
 
 impl App {
@@ -108,7 +111,7 @@ impl App {
                 Duration::from_millis(settings.pipeline.send_lease_ms),
             ),
             renderer,
-            router,
+            router.clone(),
             Arc::new(publisher.clone()) as Arc<dyn OutcomePublisher>,
             metrics.clone(),
             settings.pipeline.max_request_bytes,
@@ -167,6 +170,7 @@ impl App {
             templates,
             receipts,
             providers,
+            router,
         })
     }
 
@@ -195,6 +199,8 @@ impl App {
             metrics: self.metrics.clone(),
             pool: self.pool.clone(),
             broker_probe: self.consumer.prober(),
+            router: Some(self.router.clone()),
+            provider_status: Some(self.providers.api.status.clone()),
         };
         let api_state = ApiState {
             pool: self.pool.clone(),

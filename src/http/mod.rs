@@ -24,6 +24,10 @@ pub struct HttpState {
     pub pool: PgPool,
     /// Returns true when the broker answered a metadata request within the timeout.
     pub broker_probe: Arc<dyn Fn(Duration) -> bool + Send + Sync>,
+    /// Circuit breakers shown in `/readyz` detail.
+    pub router: Option<Arc<crate::routing::Router>>,
+    /// Provider registry load state shown in `/readyz` detail.
+    pub provider_status: Option<crate::routing::load::LoadStatus>,
 }
 
 /// The router for all endpoints.
@@ -40,7 +44,10 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Broker metadata and database reachable.
+/// Broker metadata and database reachable. The body also details the
+/// providers: registry load errors and circuit breakers (informational: an
+/// open circuit does not make the instance unready, its notifications wait
+/// as due rows).
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     let db = tokio::time::timeout(
         Duration::from_secs(2),
@@ -57,9 +64,29 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    let circuits: serde_json::Map<String, serde_json::Value> = state
+        .router
+        .as_ref()
+        .map(|r| {
+            r.breaker_states()
+                .into_iter()
+                .map(|(p, s)| (p, serde_json::Value::from(s.as_str())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let registry = state.provider_status.as_ref().map(|s| {
+        let st = s.get();
+        serde_json::json!({
+            "loaded_at": st.loaded_at,
+            "providers": st.providers,
+            "load_errors": st.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            "database_error": st.database_error,
+        })
+    });
     let body = serde_json::json!({
         "status": if db && broker { "ready" } else { "not_ready" },
         "checks": { "database": db, "broker": broker },
+        "providers": { "circuits": circuits, "registry": registry },
     });
     (code, axum::Json(body))
 }
