@@ -154,6 +154,11 @@ impl App {
         };
         let consumer =
             RequestConsumer::new(&settings.kafka).context("creating the Kafka consumer")?;
+        // Provider rate limits are split by partition ownership.
+        let share = router.share().clone();
+        consumer.on_assignment(Arc::new(move |owned, total| {
+            share.set_partitions(owned, total)
+        }));
         let listener = tokio::net::TcpListener::bind(&settings.http.bind)
             .await
             .with_context(|| format!("binding the HTTP listener to {}", settings.http.bind))?;

@@ -87,13 +87,53 @@ impl PartitionState {
     }
 }
 
+/// Told (owned, total) request partitions after every rebalance.
+pub type AssignmentListener = Arc<dyn Fn(usize, usize) + Send + Sync>;
+
 /// State shared with the rebalance callback.
 struct Shared {
     partitions: Mutex<HashMap<PartitionKey, Arc<PartitionState>>>,
     drain_timeout: Duration,
+    /// The request topics (to count all their partitions).
+    topics: Vec<String>,
+    listener: Mutex<Option<AssignmentListener>>,
 }
 
 impl Shared {
+    /// Tells the listener how many of the request topics' partitions this
+    /// member owns now.
+    fn announce(&self, consumer: &BaseConsumer<HeraldContext>) {
+        let listener = self
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(listener) = listener else {
+            return;
+        };
+        let owned = self.lock().len();
+        let mut total = 0;
+        for topic in &self.topics {
+            match consumer.fetch_metadata(Some(topic), Duration::from_secs(2)) {
+                Ok(md) => {
+                    total += md
+                        .topics()
+                        .iter()
+                        .filter(|t| t.name() == topic)
+                        .map(|t| t.partitions().len())
+                        .sum::<usize>();
+                }
+                Err(e) => {
+                    // Keep the previous share rather than guess.
+                    tracing::warn!(%topic, error = %e, "counting partitions after a rebalance failed");
+                    return;
+                }
+            }
+        }
+        tracing::info!(owned, total, "request partitions owned");
+        listener(owned, total);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PartitionKey, Arc<PartitionState>>> {
         self.partitions.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -140,15 +180,20 @@ impl ConsumerContext for HeraldContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            let keys = tpl_keys(tpl);
-            tracing::info!(partitions = ?keys, "partitions assigned");
-            let mut map = self.shared.lock();
-            for k in keys {
-                map.insert(k, PartitionState::new());
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let keys = tpl_keys(tpl);
+                tracing::info!(partitions = ?keys, "partitions assigned");
+                let mut map = self.shared.lock();
+                for k in keys {
+                    map.insert(k, PartitionState::new());
+                }
             }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(_) => return,
         }
+        self.shared.announce(consumer);
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
@@ -207,6 +252,8 @@ impl RequestConsumer {
         let shared = Arc::new(Shared {
             partitions: Mutex::new(HashMap::new()),
             drain_timeout: Duration::from_millis(settings.drain_timeout_ms),
+            topics: settings.request_topics.clone(),
+            listener: Mutex::new(None),
         });
         let consumer: BaseConsumer<HeraldContext> = super::consumer_config(settings)
             .create_with_context(HeraldContext {
@@ -220,6 +267,17 @@ impl RequestConsumer {
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
             static_member: settings.group_instance_id.is_some(),
         })
+    }
+
+    /// Calls `listener(owned, total)` after every rebalance with the number
+    /// of request partitions this member owns and the number there are (the
+    /// router derives this instance's share of provider rate limits).
+    pub fn on_assignment(&self, listener: AssignmentListener) {
+        *self
+            .shared
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(listener);
     }
 
     /// Checks that the broker answers a metadata request (for `/readyz`).
