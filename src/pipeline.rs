@@ -253,7 +253,10 @@ impl Pipeline {
                 let candidates = self.router.candidates(&n);
                 match self.prepare(&n, &candidates) {
                     Ok(content) => {
-                        let start = Start::Due { owner };
+                        let start = Start::Due {
+                            owner,
+                            status: row.status,
+                        };
                         return self
                             .route(&n, &content, &candidates, start, row.retries)
                             .await;
@@ -395,7 +398,7 @@ impl Pipeline {
                 }
                 existing => Ok(Opened::Done(self.already_handled(n, existing).await)),
             },
-            Start::Due { owner } => {
+            Start::Due { owner, .. } => {
                 let Some(due) = &self.due else {
                     return Ok(Opened::Done(Ok(())));
                 };
@@ -605,7 +608,7 @@ impl Pipeline {
                                     let provider = provider_name(candidates);
                                     self.claim_failed(n, &provider, error).await
                                 }
-                                Start::Due { owner } => {
+                                Start::Due { owner, .. } => {
                                     self.settle_due(n, owner, Status::Failed, None, error).await
                                 }
                             }
@@ -658,7 +661,16 @@ impl Pipeline {
                 Claim::New { .. } => true,
                 existing => return self.already_handled(n, existing).await,
             },
-            Start::Due { owner } => {
+            // Waiting again for a rate limit is no status change: keep the
+            // last event and publish nothing.
+            Start::Due {
+                owner,
+                status: before,
+            } if *before == Status::Throttled && status == Status::Throttled => {
+                due.settle(&n.id, owner, status, Some(until), None).await?;
+                false
+            }
+            Start::Due { owner, .. } => {
                 due.settle(&n.id, owner, status, Some(until), Some(&event))
                     .await?
             }
@@ -828,8 +840,8 @@ impl Pipeline {
 enum Start<'a> {
     /// A fresh request: claim the notification.
     Claim,
-    /// A due row the scheduler claimed for `owner`.
-    Due { owner: &'a str },
+    /// A due row the scheduler claimed for `owner`, waiting as `status`.
+    Due { owner: &'a str, status: Status },
 }
 
 /// What opening the first try found.

@@ -37,7 +37,15 @@ impl Default for Share {
 impl Share {
     /// Sets the share from owned and total partition counts. With no
     /// partitions known yet the share is 1 (a lone instance).
+    ///
+    /// Owning no partition keeps the previous share: that is mostly the
+    /// moment between revoke and assign of a rebalance. (An instance that
+    /// stays without partitions, with more instances than partitions, keeps
+    /// its last share for the due rows it fires.)
     pub fn set_partitions(&self, owned: usize, total: usize) {
+        if owned == 0 && total > 0 {
+            return;
+        }
         let share = if total == 0 {
             1.0
         } else {
@@ -78,6 +86,27 @@ struct Entry {
     limiter: Direct,
     /// Sends waiting for a token (to estimate how long a new one would wait).
     waiting: AtomicUsize,
+    /// The latest slot handed to a deferred send: each deferral takes the
+    /// next one, so deferred sends come back spread at the provider's rate
+    /// instead of all at once.
+    horizon: Mutex<Option<Instant>>,
+}
+
+impl Entry {
+    /// Reserves the next free slot no sooner than `earliest` from now.
+    fn reserve(&self, earliest: Duration) -> Duration {
+        let now = Instant::now();
+        let mut h = match self.horizon.lock() {
+            Ok(h) => h,
+            Err(p) => p.into_inner(),
+        };
+        let slot = match *h {
+            Some(last) if last + self.spacing > now + earliest => last + self.spacing,
+            _ => now + earliest,
+        };
+        *h = Some(slot);
+        slot.saturating_duration_since(now)
+    }
 }
 
 /// The rate limiters of all providers, keyed by provider name (so a
@@ -116,15 +145,16 @@ impl Limiters {
             spacing,
             limiter: RateLimiter::direct(quota),
             waiting: AtomicUsize::new(0),
+            horizon: Mutex::new(None),
         });
         map.insert(spec.name.clone(), e.clone());
         Some(e)
     }
 
     /// Takes a send token for `spec`, waiting up to `max_wait`. Returns how
-    /// long it waited, or [`WouldWait`] with an estimate of when a token is
-    /// likely free when the wait would be longer than `max_wait` (the caller
-    /// then defers the notification instead of holding its lane).
+    /// long it waited, or [`WouldWait`] with the delay of a reserved future
+    /// slot when the wait would be longer than `max_wait` (the caller then
+    /// defers the notification to that slot instead of holding its lane).
     pub async fn acquire(
         &self,
         spec: &ProviderSpec,
@@ -137,18 +167,22 @@ impl Limiters {
         let clock = DefaultClock::default();
         entry.waiting.fetch_add(1, Ordering::SeqCst);
         let _guard = Waiting(&entry.waiting);
+        let mut slept = false;
         loop {
             match entry.limiter.check() {
-                Ok(()) => return Ok(started.elapsed()),
+                Ok(()) if slept => return Ok(started.elapsed()),
+                Ok(()) => return Ok(Duration::ZERO),
                 Err(not_until) => {
                     let wait = not_until.wait_time_from(clock.now());
                     let waited = started.elapsed();
                     if waited + wait > max_wait {
                         // Everyone queued ahead needs a slot first.
                         let queued = entry.waiting.load(Ordering::SeqCst) as u32;
-                        return Err(WouldWait(wait.max(entry.spacing.saturating_mul(queued))));
+                        let earliest = wait.max(entry.spacing.saturating_mul(queued));
+                        return Err(WouldWait(entry.reserve(earliest)));
                     }
                     tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+                    slept = true;
                 }
             }
         }
@@ -209,6 +243,8 @@ mod tests {
         assert_eq!(s.get(), 1.0);
         s.set_partitions(2, 8);
         assert_eq!(s.get(), 0.25);
+        s.set_partitions(0, 8);
+        assert_eq!(s.get(), 0.25, "a rebalance gap keeps the share");
         s.set_partitions(0, 0);
         assert_eq!(s.get(), 1.0);
     }
