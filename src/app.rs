@@ -156,8 +156,10 @@ impl App {
             RequestConsumer::new(&settings.kafka).context("creating the Kafka consumer")?;
         // Provider rate limits are split by partition ownership.
         let share = router.share().clone();
+        let share_gauge = metrics.routing.rate_share.clone();
         consumer.on_assignment(Arc::new(move |owned, total| {
-            share.set_partitions(owned, total)
+            share.set_partitions(owned, total);
+            share_gauge.set(share.get());
         }));
         let listener = tokio::net::TcpListener::bind(&settings.http.bind)
             .await

@@ -483,14 +483,18 @@ impl Pipeline {
                 .observe(elapsed.as_secs_f64());
             let e = match result {
                 Ok(receipt) => {
-                    self.router.success(name);
+                    if self.router.success(name) {
+                        self.update_circuit_gauges();
+                    }
                     rm.sends.with_label_values(&[channel, name, "sent"]).inc();
                     return self.finish(n, a, name, Ok(receipt), elapsed).await;
                 }
                 // Permanent: the provider answered and refused this message;
                 // another provider would refuse it too.
                 Err(e) if !e.is_retryable() => {
-                    self.router.success(name);
+                    if self.router.success(name) {
+                        self.update_circuit_gauges();
+                    }
                     rm.sends
                         .with_label_values(&[channel, name, "permanent"])
                         .inc();
@@ -505,6 +509,7 @@ impl Pipeline {
             rm.sends.with_label_values(&[channel, name, label]).inc();
             if self.router.failure(name) {
                 rm.circuit_opened.with_label_values(&[name]).inc();
+                self.update_circuit_gauges();
                 tracing::warn!(
                     provider = name,
                     "circuit opened: skipping the provider for its cool-down"
@@ -529,7 +534,6 @@ impl Pipeline {
             }
             last = Some((name.to_string(), e, elapsed));
         }
-        self.update_circuit_gauges();
         match (attempt, last) {
             (Some(a), Some((provider, e, elapsed))) => {
                 let Some(primary) = candidates.first() else {
@@ -758,7 +762,7 @@ impl Pipeline {
                     .send_duration
                     .with_label_values(&[n.channel.as_str(), label])
                     .observe(elapsed.as_secs_f64());
-                tracing::info!(notification_id = %n.id, code = e.code(), error = %e.message(), "send failed");
+                tracing::info!(notification_id = %n.id, provider = %provider, code = e.code(), error = %e.message(), "send failed");
                 let error = error_info(&e);
                 let mut event =
                     DeliveryStatusEvent::for_notification(n, Status::Failed, attempt_no);

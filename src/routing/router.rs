@@ -120,10 +120,17 @@ impl Router {
             .and_then(|v| v.into_iter().min())
     }
 
-    /// Records a send that reached the provider and succeeded.
-    pub fn success(&self, provider: &str) {
-        if let Some(b) = self.breakers().get_mut(provider) {
-            b.success();
+    /// Records a send that reached the provider and succeeded (or was
+    /// refused for reasons of the message). True when this closed an open
+    /// or half-open circuit.
+    pub fn success(&self, provider: &str) -> bool {
+        match self.breakers().get_mut(provider) {
+            Some(b) => {
+                let was = b.open_until().is_some();
+                b.success();
+                was
+            }
+            None => false,
         }
     }
 

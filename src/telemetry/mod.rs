@@ -17,6 +17,8 @@ pub fn init_tracing() {
     let json = std::env::var("HERALD_LOG_FORMAT").is_ok_and(|v| v == "json");
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colours only on a terminal, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     // try_init: tests may install a subscriber more than once.
     let _ = if json {

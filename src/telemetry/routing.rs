@@ -29,6 +29,9 @@ pub struct RoutingMetrics {
     pub circuit_opened: IntCounterVec,
     /// Providers skipped because their circuit was open.
     pub circuit_skips: IntCounterVec,
+    /// This instance's share of every provider's rate limit (owned / all
+    /// request partitions).
+    pub rate_share: prometheus::Gauge,
 }
 
 impl RoutingMetrics {
@@ -63,7 +66,17 @@ impl RoutingMetrics {
         registry
             .register(Box::new(circuit_state.clone()))
             .expect("metric registered once");
+        let rate_share = prometheus::Gauge::new(
+            "herald_provider_rate_share",
+            "This instance's share of provider rate limits (owned / all request partitions).",
+        )
+        .expect("valid metric definition");
+        rate_share.set(1.0);
+        registry
+            .register(Box::new(rate_share.clone()))
+            .expect("metric registered once");
         RoutingMetrics {
+            rate_share,
             sends: counter(
                 "herald_provider_sends_total",
                 "Provider calls, by channel, provider and result.",

@@ -456,6 +456,10 @@ fn wait_for_port(port: u16) {
 pub struct Received {
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// When it arrived.
+    pub at: Instant,
+    /// The request path.
+    pub path: String,
 }
 
 /// A real HTTP server on 127.0.0.1 recording every POST; answers `status`
@@ -523,14 +527,17 @@ type SinkState = (
 
 async fn record(
     State((received, status, reply_headers)): State<SinkState>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    received
-        .lock()
-        .expect("lock")
-        .push(Received { headers, body });
+    received.lock().expect("lock").push(Received {
+        headers,
+        body,
+        at: Instant::now(),
+        path: uri.path().to_string(),
+    });
     let code = *status.lock().expect("lock");
     let mut out = HeaderMap::new();
     for (k, v) in reply_headers.lock().expect("lock").iter() {

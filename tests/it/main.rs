@@ -10,6 +10,7 @@ mod helpers;
 #[path = "../common/net.rs"]
 mod net;
 mod policy;
+mod providers;
 mod receipts;
 mod resilience;
 mod spine;
