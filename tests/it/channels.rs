@@ -171,6 +171,10 @@ impl StandIn {
         *self.responder.lock().expect("lock") = Arc::new(responder);
     }
 
+    fn calls(&self) -> usize {
+        self.calls.lock().expect("lock").len()
+    }
+
     fn calls_to(&self, path: &str) -> Vec<Call> {
         self.calls
             .lock()
@@ -552,9 +556,10 @@ async fn every_channel_sends_through_its_registered_provider() {
         assert_eq!(statuses(&events, id), ["sent"], "{id}");
     }
 
-    // SendGrid: one Mail Send call per email, as documented.
+    // SendGrid: one Mail Send call per email, as documented, and nothing else.
     let mails = sendgrid.calls_to("/v3/mail/send");
     assert_eq!(mails.len(), 2, "{mails:?}");
+    assert_eq!(sendgrid.calls(), 2);
     let mail_to = |addr: &str| {
         mails
             .iter()
@@ -601,6 +606,7 @@ async fn every_channel_sends_through_its_registered_provider() {
     // Twilio: one Messages call.
     let texts = twilio.calls_to(&twilio_messages_path());
     assert_eq!(texts.len(), 1, "{texts:?}");
+    assert_eq!(twilio.calls(), 1);
     assert_eq!(
         texts[0].header("authorization"),
         Some(basic(TW_SID, &tw_token))
@@ -621,6 +627,7 @@ async fn every_channel_sends_through_its_registered_provider() {
     assert_eq!(google.calls_to("/token").len(), 1);
     let pushes = google.calls_to(FCM_SEND_PATH);
     assert_eq!(pushes.len(), 1, "{pushes:?}");
+    assert_eq!(google.calls(), 2);
     let message = &pushes[0].json()["message"];
     assert_eq!(message["token"], "dev-e2e-1");
     assert_eq!(
@@ -922,6 +929,13 @@ async fn no_secret_in_logs_or_outputs_and_ciphertext_at_rest() {
     ));
     let invalid = herald_cli(&vars, &["providers", "validate", "tw-secret"]);
     assert_eq!(invalid.status.code(), Some(1), "{}", output_text(&invalid));
+    // It did ask Twilio (and was refused).
+    assert_eq!(
+        twilio
+            .calls_to(&format!("/2010-04-01/Accounts/{TW_SID}.json"))
+            .len(),
+        1
+    );
     outputs.push((
         "herald providers validate tw-secret".into(),
         output_text(&invalid),
@@ -936,7 +950,7 @@ async fn no_secret_in_logs_or_outputs_and_ciphertext_at_rest() {
     // The log is the real one, at debug level, covering both sends.
     assert!(logged.contains("DEBUG"), "not a debug log:\n{logged}");
     assert!(
-        logged.contains(&bad),
+        logged.contains(&bad) && logged.contains("provider_auth"),
         "the failed send is not logged:\n{logged}"
     );
     outputs.push(("herald serve log".into(), logged));
