@@ -10,8 +10,8 @@
 //! - [`domain`]: the one place raw bytes become valid values (requests, addresses, statuses, outcome events).
 //! - [`render`]: inline content and `templates/` files rendered with minijinja.
 //! - [`templates`]: the PostgreSQL template store (versions, resolution chain, cached renderer).
-//! - [`channels`]: the `ChannelAdapter` trait and one file per adapter (SMTP, webhook).
-//! - [`routing`]: the provider registry and the order providers are tried in.
+//! - [`channels`]: the `ChannelAdapter` trait and one file per adapter (SMTP, SendGrid, Twilio, FCM, webhook, in-app inbox).
+//! - [`routing`]: the provider registry (encrypted credentials, NOTIFY reloads), selection, circuit breakers, rate limits, retry backoff.
 //! - [`store`]: PostgreSQL repositories (notifications, delivery attempts).
 //! - [`kafka`]: consumer (partition workers, rebalance drain), in-order offset tracker, producer.
 //! - [`pipeline`]: one request through policy → claim → render → send → persist → publish.
