@@ -882,3 +882,95 @@ async fn preferences_written_over_the_api_govern_delivery() {
     assert!(sink.received().is_empty());
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_app_notifications_land_in_the_inbox_api() {
+    let env = TestEnv::new(1).await;
+    register_provider(
+        &env,
+        herald::routing::store::NewProvider::new("inbox", herald::routing::ProviderType::Inbox),
+    )
+    .await;
+    let app = RunningApp::start(env.settings(&[])).await;
+    let api = Api::new(&app);
+    let k = keys(&env).await;
+    let p = producer();
+    let ids: Vec<String> = (0..3).map(|i| format!("inbox-{i}-{}", suffix())).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let req = json!({"id": id, "tenant_id": "acme", "channel": "in_app",
+            "recipient": {"user_id": "u-1"},
+            "content": {"subject": format!("Title {i}"), "text": format!("Body {i}")}});
+        produce(&p, &env.requests, "u-1", req.to_string().as_bytes()).await;
+    }
+    let mut outcomes = TopicReader::new(&env.outcomes, 1);
+    assert!(outcomes.read_until(WAIT, |r| r.len() >= 3).await);
+    assert!(outcomes.events().iter().all(|e| e["status"] == "sent"));
+
+    let path = "/v1/users/u-1/inbox?tenant_id=acme";
+    let (s, v) = api.get(path, &k.user1).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let items = v["items"].as_array().expect("items");
+    assert_eq!(items.len(), 3, "{v}");
+    assert_eq!(items[0]["notification_id"], ids[2].as_str(), "newest first");
+    assert_eq!(items[0]["title"], "Title 2");
+    assert_eq!(items[0]["body"], "Body 2");
+    assert_eq!(v["unread_count"], 3);
+
+    // Keyset pages of one.
+    let (_, page1) = api.get(&format!("{path}&limit=2"), &k.admin).await;
+    let cursor = page1["next_cursor"].as_str().expect("a next page");
+    let (_, page2) = api
+        .get(&format!("{path}&limit=2&cursor={cursor}"), &k.admin)
+        .await;
+    assert_eq!(page2["items"].as_array().map(Vec::len), Some(1), "{page2}");
+    assert!(page2["next_cursor"].is_null());
+
+    // Mark one read, then all.
+    let first = items[0]["id"].clone();
+    let (s, v) = api
+        .post(
+            "/v1/users/u-1/inbox/read?tenant_id=acme",
+            &k.user1,
+            &json!({"ids": [first]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        (v["marked_read"].as_u64(), v["unread_count"].as_i64()),
+        (Some(1), Some(2))
+    );
+    let (_, v) = api
+        .get(
+            "/v1/users/u-1/inbox?tenant_id=acme&unread_only=true",
+            &k.user1,
+        )
+        .await;
+    assert_eq!(v["items"].as_array().map(Vec::len), Some(2), "{v}");
+    let (_, v) = api
+        .post(
+            "/v1/users/u-1/inbox/read?tenant_id=acme",
+            &k.user1,
+            &json!({"all": true}),
+        )
+        .await;
+    assert_eq!(v["marked_read"], 2);
+    let (_, v) = api
+        .get("/v1/users/u-1/inbox/unread-count?tenant_id=acme", &k.user1)
+        .await;
+    assert_eq!(v["unread_count"], 0);
+
+    // Someone else's inbox, a service key, a bad body.
+    let (s, v) = api.get(path, &k.user2).await;
+    assert_problem(s, &v, StatusCode::FORBIDDEN);
+    let (s, v) = api.get(path, &k.service).await;
+    assert_problem(s, &v, StatusCode::FORBIDDEN);
+    let (s, v) = api
+        .post(
+            "/v1/users/u-1/inbox/read?tenant_id=acme",
+            &k.user1,
+            &json!({}),
+        )
+        .await;
+    assert_problem(s, &v, StatusCode::UNPROCESSABLE_ENTITY);
+    app.stop().await;
+}

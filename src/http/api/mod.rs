@@ -1,16 +1,15 @@
 //! The admin/query API (`/v1/…`, JSON, bearer API keys) and `/openapi.json`.
 //!
 //! One file per resource: [`notifications`], [`delivery_logs`],
-//! [`templates`], [`preferences`], [`stats`], [`providers`]; [`auth`] holds
+//! [`templates`], [`preferences`], [`inbox`], [`stats`], [`providers`]; [`auth`] holds
 //! the keys and roles, [`problem`] the error documents. [`routes`] is the one
 //! table of (method, path, handler): the router is built from it and a test
 //! checks every entry is documented in `openapi.json` (checked in at the
 //! repository root).
-//!
-//! Not here yet: the in-app inbox (no inbox adapter exists).
 
 pub mod auth;
 pub mod delivery_logs;
+pub mod inbox;
 pub mod notifications;
 pub mod preferences;
 pub mod problem;
@@ -105,6 +104,17 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<ApiState>)> {
             Method::PUT,
             "/v1/users/{user_id}/preferences",
             put(preferences::put_prefs),
+        ),
+        (Method::GET, "/v1/users/{user_id}/inbox", get(inbox::list)),
+        (
+            Method::GET,
+            "/v1/users/{user_id}/inbox/unread-count",
+            get(inbox::unread_count),
+        ),
+        (
+            Method::POST,
+            "/v1/users/{user_id}/inbox/read",
+            post(inbox::mark_read),
         ),
         (Method::GET, "/v1/stats", get(stats::stats)),
         (Method::GET, "/v1/providers", get(providers::list)),
