@@ -511,6 +511,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("herald.example.toml");
+        let s = Settings::load_with_env(Some(&path), Vec::new()).expect("herald.example.toml");
+        assert_eq!(s.routing.breaker_failure_threshold, 5);
+        assert!(s.providers.encryption_key.is_none());
+    }
+
+    #[test]
     fn invalid_values_are_named() {
         let env = vec![(
             "HERALD_KAFKA__PARTITION_CONCURRENCY".to_string(),
