@@ -72,6 +72,22 @@ impl Principal {
         }
     }
 
+    /// Admin, or a user key of exactly (`tenant`, `user`): the rule of
+    /// per-user resources (preferences, inbox). `what` names the resource
+    /// in the 403.
+    pub fn require_own(&self, tenant: Option<&str>, user: &str, what: &str) -> Result<(), Problem> {
+        match self.role {
+            Role::Admin => Ok(()),
+            Role::User if self.may_see(tenant, Some(user)) => Ok(()),
+            Role::User => Err(Problem::forbidden(format!(
+                "a user key may only access its own {what}"
+            ))),
+            Role::Service => Err(Problem::forbidden(format!(
+                "a service key may not access {what}"
+            ))),
+        }
+    }
+
     /// Whether this caller may see data of (`tenant`, `user`).
     pub fn may_see(&self, tenant: Option<&str>, user: Option<&str>) -> bool {
         match self.role {

@@ -11,29 +11,10 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use serde::Deserialize;
 
-use super::auth::{Principal, Role};
+use super::auth::Principal;
 use super::problem::{Problem, RawBody, parse_json};
 use super::{ApiState, Params};
-use crate::store::StoreError;
 use crate::store::inbox::{InboxCursor, InboxMessage, InboxStore, MAX_PAGE};
-
-fn check_access(p: &Principal, tenant: Option<&str>, user: &str) -> Result<(), Problem> {
-    match p.role {
-        Role::Admin => Ok(()),
-        Role::User if p.may_see(tenant, Some(user)) => Ok(()),
-        Role::User => Err(Problem::forbidden(
-            "a user key may only access its own inbox",
-        )),
-        Role::Service => Err(Problem::forbidden("a service key may not read inboxes")),
-    }
-}
-
-fn store_problem(e: StoreError) -> Problem {
-    match e {
-        StoreError::Database(e) => Problem::from(e),
-        other => Problem::internal(&other),
-    }
-}
 
 fn message_json(m: &InboxMessage) -> serde_json::Value {
     serde_json::json!({
@@ -59,7 +40,7 @@ pub async fn list(
 ) -> Result<Json<serde_json::Value>, Problem> {
     let q = Params::new(q, &["tenant_id", "unread_only", "limit", "cursor"])?;
     let tenant = q.str("tenant_id");
-    check_access(&p, tenant, &user_id)?;
+    p.require_own(tenant, &user_id, "inbox")?;
     let unread_only = match q.str("unread_only") {
         None | Some("false") => false,
         Some("true") => true,
@@ -78,12 +59,8 @@ pub async fn list(
     let store = InboxStore::new(state.pool.clone());
     let page = store
         .list(tenant, &user_id, unread_only, limit, cursor.as_ref())
-        .await
-        .map_err(store_problem)?;
-    let unread = store
-        .unread_count(tenant, &user_id)
-        .await
-        .map_err(store_problem)?;
+        .await?;
+    let unread = store.unread_count(tenant, &user_id).await?;
     Ok(Json(serde_json::json!({
         "items": page.messages.iter().map(message_json).collect::<Vec<_>>(),
         "next_cursor": page.next.map(|c| c.encode()),
@@ -100,11 +77,10 @@ pub async fn unread_count(
 ) -> Result<Json<serde_json::Value>, Problem> {
     let q = Params::new(q, &["tenant_id"])?;
     let tenant = q.str("tenant_id");
-    check_access(&p, tenant, &user_id)?;
+    p.require_own(tenant, &user_id, "inbox")?;
     let n = InboxStore::new(state.pool.clone())
         .unread_count(tenant, &user_id)
-        .await
-        .map_err(store_problem)?;
+        .await?;
     Ok(Json(serde_json::json!({ "unread_count": n })))
 }
 
@@ -127,7 +103,7 @@ pub async fn mark_read(
 ) -> Result<Json<serde_json::Value>, Problem> {
     let q = Params::new(q, &["tenant_id"])?;
     let tenant = q.str("tenant_id");
-    check_access(&p, tenant, &user_id)?;
+    p.require_own(tenant, &user_id, "inbox")?;
     let b: ReadBody = parse_json(&body)?;
     let store = InboxStore::new(state.pool.clone());
     let changed = match (b.all, b.ids.is_empty()) {
@@ -147,12 +123,8 @@ pub async fn mark_read(
                 "give either `ids` (non-empty) or `\"all\": true`",
             ));
         }
-    }
-    .map_err(store_problem)?;
-    let unread = store
-        .unread_count(tenant, &user_id)
-        .await
-        .map_err(store_problem)?;
+    }?;
+    let unread = store.unread_count(tenant, &user_id).await?;
     Ok(Json(
         serde_json::json!({ "marked_read": changed, "unread_count": unread }),
     ))

@@ -15,31 +15,11 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use serde::Deserialize;
 
-use super::auth::{Principal, Role};
+use super::auth::Principal;
 use super::problem::{Problem, RawBody, parse_json};
 use super::{ApiState, Params};
 use crate::policy::preferences::decode_update;
 use crate::store::preferences::PreferenceStore;
-
-fn check_access(p: &Principal, tenant: Option<&str>, user: &str) -> Result<(), Problem> {
-    match p.role {
-        Role::Admin => Ok(()),
-        Role::User if p.may_see(tenant, Some(user)) => Ok(()),
-        Role::User => Err(Problem::forbidden(
-            "a user key may only access its own preferences",
-        )),
-        Role::Service => Err(Problem::forbidden(
-            "a service key may not access preferences",
-        )),
-    }
-}
-
-fn store_problem(e: crate::store::StoreError) -> Problem {
-    match e {
-        crate::store::StoreError::Database(e) => Problem::from(e),
-        other => Problem::internal(&other),
-    }
-}
 
 /// `GET /v1/users/{user_id}/preferences`.
 pub async fn get_prefs(
@@ -50,12 +30,9 @@ pub async fn get_prefs(
 ) -> Result<Json<serde_json::Value>, Problem> {
     let q = Params::new(q, &["tenant_id"])?;
     let tenant = q.str("tenant_id");
-    check_access(&p, tenant, &user_id)?;
+    p.require_own(tenant, &user_id, "preferences")?;
     let store = PreferenceStore::new(state.pool.clone());
-    let items = store
-        .for_user(tenant.unwrap_or_default(), &user_id)
-        .await
-        .map_err(store_problem)?;
+    let items = store.for_user(tenant.unwrap_or_default(), &user_id).await?;
     Ok(Json(serde_json::json!({
         "tenant_id": tenant,
         "user_id": user_id,
@@ -79,7 +56,7 @@ pub async fn put_prefs(
 ) -> Result<Json<serde_json::Value>, Problem> {
     let q = Params::new(q, &["tenant_id"])?;
     let tenant = q.str("tenant_id").map(str::to_string);
-    check_access(&p, tenant.as_deref(), &user_id)?;
+    p.require_own(tenant.as_deref(), &user_id, "preferences")?;
     let b: PutBody = parse_json(&body)?;
     let mut records = Vec::with_capacity(b.items.len());
     for (i, mut item) in b.items.into_iter().enumerate() {
@@ -104,7 +81,7 @@ pub async fn put_prefs(
     }
     let store = PreferenceStore::new(state.pool.clone());
     for r in &records {
-        store.upsert(r).await.map_err(store_problem)?;
+        store.upsert(r).await?;
     }
     get_prefs(
         State(state),

@@ -133,6 +133,15 @@ impl IntoResponse for Problem {
     }
 }
 
+impl From<crate::store::StoreError> for Problem {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::Database(e) => Problem::from(e),
+            other => Problem::internal(&other),
+        }
+    }
+}
+
 impl From<sqlx::Error> for Problem {
     fn from(e: sqlx::Error) -> Self {
         Problem::internal(&e)
