@@ -1,6 +1,7 @@
 //! Kafka: client configuration, the request consumer, the in-order offset
 //! tracker, the outcome/DLQ publisher and topic administration.
 
+pub mod acks;
 pub mod consumer;
 pub mod offsets;
 pub mod preferences;
