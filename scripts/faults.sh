@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/faults.sh: the fault suite, long variant (see docs/faults.md).
 # Starts the local services (services.sh start), then runs
-#   HERALD_FAULTS_FULL=1 cargo test --test faults -- --include-ignored --test-threads=1
+#   HERALD_FAULTS_FULL=1 cargo test --test faults -- --include-ignored --skip probe_ --test-threads=1
 #   HERALD_FUZZ_CASES=${HERALD_FUZZ_CASES:-20000} cargo test --test fuzz
 # The long variant: 10 SIGKILLs during one load, 10,000 hostile requests,
 # three PostgreSQL crashes, a broker pause plus a broker kill+restart, larger
@@ -33,6 +33,7 @@ export HERALD_FAULTS_FULL=1
 export HERALD_FAULTS_LOG_DIR=${HERALD_FAULTS_LOG_DIR:-$HERALD_HOME/faults-logs}
 mkdir -p "$HERALD_FAULTS_LOG_DIR"
 status=0
-cargo test --test faults -- --include-ignored --test-threads=1 --nocapture "$@" || status=1
+# The probe_* tests are measurements of the local broker, run by hand.
+cargo test --test faults -- --include-ignored --skip probe_ --test-threads=1 --nocapture "$@" || status=1
 HERALD_FUZZ_CASES=${HERALD_FUZZ_CASES:-20000} cargo test --test fuzz || status=1
 exit $status

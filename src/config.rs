@@ -285,7 +285,7 @@ partition_concurrency = 64
 max_in_flight = 2048
 topic_partitions = 4
 ensure_topics = false
-commit_interval_ms = 1000
+commit_interval_ms = 5000
 drain_timeout_ms = 10000
 [kafka.properties]
 

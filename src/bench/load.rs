@@ -113,6 +113,11 @@ pub struct LoadResult {
     pub duplicate_finals: usize,
     pub sink_http: usize,
     pub sink_smtp: usize,
+    /// Herald's own view (from its `/metrics`): time from the start of the
+    /// load until every request was consumed and nothing was in flight any
+    /// more (processed, durable, outcomes acknowledged). Independent of how
+    /// fast the local broker serves the outcomes back to the reader.
+    pub drained: Option<Duration>,
 }
 
 impl LoadResult {
@@ -365,6 +370,7 @@ fn summarize(
         duplicate_finals: duplicates,
         sink_http: 0,
         sink_smtp: 0,
+        drained: None,
     })
 }
 
@@ -563,4 +569,20 @@ pub async fn raw_smtp(settings: &Settings, port: u16, n: usize) -> anyhow::Resul
         bail!("raw SMTP: {} of {n} failed", n - ok);
     }
     Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Requests consumed (sum over topics) and messages in flight, from a
+/// Prometheus text page of Herald's `/metrics`.
+pub fn consumed_and_in_flight(page: &str) -> (u64, i64) {
+    let mut consumed = 0u64;
+    let mut in_flight = 0i64;
+    for line in page.lines() {
+        let value = line.rsplit(' ').next().unwrap_or_default();
+        if line.starts_with("herald_requests_consumed_total") {
+            consumed += value.parse::<f64>().unwrap_or(0.0) as u64;
+        } else if line.starts_with("herald_in_flight_messages") {
+            in_flight = value.parse::<f64>().unwrap_or(0.0) as i64;
+        }
+    }
+    (consumed, in_flight)
 }

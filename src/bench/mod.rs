@@ -129,6 +129,11 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
     let stats = run.stop()?;
     report.herald = Some(result.rate());
     report.result("herald (max rate)", &result);
+    report.drained(
+        "herald (max rate), Herald's /metrics",
+        &result,
+        args.requests,
+    );
     report.process("herald process", &stats, result.notifications);
     report.counts(&result);
 
@@ -214,6 +219,8 @@ pub struct ProcessStats {
 /// A `herald serve` process with its own topics and database.
 struct HeraldRun {
     child: Child,
+    /// Herald's HTTP port (`/metrics`).
+    http_port: u16,
     topics: load::Topics,
     mix: Mix,
     template: bool,
@@ -301,6 +308,7 @@ impl HeraldRun {
         let cpu_at_start = proc_cpu_seconds(child.id()).unwrap_or(0.0);
         Ok(HeraldRun {
             child,
+            http_port,
             topics,
             mix: args.mix,
             template: args.template,
@@ -324,7 +332,38 @@ impl HeraldRun {
             batch: self.batch,
             webhook_url: nginx.url("/hook"),
         };
+        let metrics_url = format!("http://127.0.0.1:{}/metrics", self.http_port);
+        let client = reqwest::Client::new();
+        let scrape = |c: reqwest::Client, url: String| async move {
+            let page = c.get(&url).send().await.ok()?.text().await.ok()?;
+            Some(load::consumed_and_in_flight(&page))
+        };
+        let (base, _) = scrape(client.clone(), metrics_url.clone())
+            .await
+            .unwrap_or((0, 0));
+        let started = Instant::now();
+        // Herald-side completion: every request consumed, nothing in flight.
+        let watcher = tokio::spawn({
+            let (client, url) = (client.clone(), metrics_url.clone());
+            async move {
+                loop {
+                    if let Some((consumed, in_flight)) = scrape(client.clone(), url.clone()).await
+                        && consumed >= base + n as u64
+                        && in_flight == 0
+                    {
+                        return started.elapsed();
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
         let mut r = load::herald_load(&self.brokers, &self.topics, &spec, n, rate).await?;
+        let abort = watcher.abort_handle();
+        r.drained = tokio::time::timeout(Duration::from_secs(5), watcher)
+            .await
+            .ok()
+            .and_then(Result::ok);
+        abort.abort();
         // nginx flushes its log every second
         tokio::time::sleep(Duration::from_millis(1500)).await;
         r.sink_http = nginx.count("/hook").saturating_sub(http_before);
@@ -419,6 +458,18 @@ impl Report {
                 l.max()
             ),
         );
+    }
+
+    fn drained(&mut self, what: &str, r: &LoadResult, requests: usize) {
+        let value = match r.drained {
+            Some(d) => format!(
+                "all {requests} requests consumed and settled after {:.2} s: {:.0} requests/s",
+                d.as_secs_f64(),
+                requests as f64 / d.as_secs_f64().max(1e-9)
+            ),
+            None => "not every request was consumed and settled".to_string(),
+        };
+        self.line(what, value);
     }
 
     fn process(&mut self, what: &str, s: &ProcessStats, notifications: usize) {

@@ -7,12 +7,20 @@
 //! order, so messages with the same key are processed in order and different
 //! keys run concurrently. A global semaphore bounds messages in flight.
 //!
-//! Offsets: `enable.auto.offset.store=false`; when a message settles, the
-//! partition's [`OffsetTracker`] says how far everything is done and only
-//! that offset is stored. Stored offsets are auto-committed periodically, and
-//! committed synchronously on revoke and at shutdown after a drain: work
-//! already running finishes (up to `drain_timeout_ms`), work not yet started
-//! is left for the next owner of the partition.
+//! A lane does not wait for the broker: the pipeline runs inside an
+//! [`AckCollector`] scope, so its outcome events and dead letters are only
+//! enqueued; once the request's state is durable the lane takes its next
+//! message, and a task of the message's own awaits the acknowledgements
+//! (see [`super::acks`]). The message stays in flight (permit, drain) until
+//! they arrive; if one fails, the message is processed again.
+//!
+//! Offsets: `enable.auto.offset.store=false`; when a message settles (durable
+//! *and* acknowledged), the partition's [`OffsetTracker`] says how far
+//! everything is done and only that offset is stored. Stored offsets are
+//! auto-committed periodically, and committed synchronously on revoke and at
+//! shutdown after a drain: work already running finishes, acknowledgements
+//! included (up to `drain_timeout_ms`), work not yet started is left for the
+//! next owner of the partition.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -26,10 +34,13 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use futures::future::BoxFuture;
+
 use super::SourceMessage;
+use super::acks::AckCollector;
 use super::offsets::OffsetTracker;
 use crate::config::KafkaSettings;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, PipelineError};
 use crate::telemetry::Metrics;
 
 type PartitionKey = (String, i32);
@@ -45,7 +56,8 @@ struct PartitionState {
 struct PartitionInner {
     /// Which offsets are done, in order.
     tracker: OffsetTracker,
-    /// Messages currently being processed (started, not settled).
+    /// Messages started and not settled: being processed, or processed and
+    /// waiting for their acknowledgements.
     running: usize,
     /// Set on revoke/shutdown: queued messages are not started any more.
     revoked: bool,
@@ -304,6 +316,7 @@ impl RequestConsumer {
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         self.consumer.subscribe(&topics)?;
         tracing::info!(topics = ?self.topics, "consumer subscribed");
+        let handler: Arc<dyn Handler> = pipeline;
         let mut lanes: HashMap<PartitionKey, PartitionLanes> = HashMap::new();
         while !shutdown.is_cancelled() {
             let sem = self.in_flight.clone();
@@ -331,7 +344,7 @@ impl RequestConsumer {
                     metrics: metrics.clone(),
                 },
             };
-            self.dispatch(&mut lanes, job, &pipeline, &runtime, &shutdown);
+            self.dispatch(&mut lanes, job, &handler, &runtime, &shutdown);
         }
         tracing::info!("consumer stopping: draining in-flight work");
         self.shared.drain(None);
@@ -372,7 +385,7 @@ impl RequestConsumer {
         &self,
         lanes: &mut HashMap<PartitionKey, PartitionLanes>,
         job: Job,
-        pipeline: &Arc<Pipeline>,
+        handler: &Arc<dyn Handler>,
         runtime: &tokio::runtime::Handle,
         shutdown: &CancellationToken,
     ) {
@@ -405,8 +418,8 @@ impl RequestConsumer {
             runtime.spawn(run_lane(
                 rx,
                 state.clone(),
-                self.consumer.clone(),
-                pipeline.clone(),
+                self.consumer.clone() as Arc<dyn OffsetSink>,
+                handler.clone(),
                 shutdown.clone(),
             ));
             tx
@@ -429,14 +442,62 @@ fn lane_for(m: &SourceMessage, lanes: usize) -> usize {
     (h.finish() % lanes as u64) as usize
 }
 
-/// Processes one lane's messages in order. Infrastructure failures (database,
-/// broker) are retried with backoff: the message is never skipped, only left
-/// unsettled when the partition is revoked or Herald shuts down.
+/// What the lanes run for each message: the pipeline in production, fakes in
+/// tests. `Ok` means the request's state is durable and its outcome events are
+/// published — or, inside an [`AckCollector`] scope, enqueued with their
+/// acknowledgements in the collector.
+pub trait Handler: Send + Sync + 'static {
+    /// Processes one message (see [`Pipeline::process`]).
+    fn handle<'a>(&'a self, message: &'a SourceMessage)
+    -> BoxFuture<'a, Result<(), PipelineError>>;
+
+    /// Counts an infrastructure retry at `stage` (bounded label).
+    fn retried(&self, stage: &'static str);
+}
+
+impl Handler for Pipeline {
+    fn handle<'a>(
+        &'a self,
+        message: &'a SourceMessage,
+    ) -> BoxFuture<'a, Result<(), PipelineError>> {
+        Box::pin(self.process(message))
+    }
+
+    fn retried(&self, stage: &'static str) {
+        self.metrics()
+            .infra_retries
+            .with_label_values(&[stage])
+            .inc();
+    }
+}
+
+/// Where settled offsets go: the consumer's offset store in production.
+pub trait OffsetSink: Send + Sync + 'static {
+    /// Stores `offset` (everything up to it is done) for the next commit.
+    fn store(&self, topic: &str, partition: i32, offset: i64);
+}
+
+impl OffsetSink for BaseConsumer<HeraldContext> {
+    fn store(&self, topic: &str, partition: i32, offset: i64) {
+        // Fails harmlessly if the partition is no longer assigned.
+        if let Err(e) = self.store_offset(topic, partition, offset) {
+            tracing::debug!(error = %e, "store offset");
+        }
+    }
+}
+
+/// Processes one lane's messages in order. A message's lane is free for the
+/// next one as soon as the message is processed (state durable, outcome
+/// events enqueued); its broker acknowledgements are awaited by a task of
+/// its own ([`await_acks`]), which then settles the offset. Infrastructure
+/// failures (database, broker) are retried with backoff: the message is
+/// never skipped, only left unsettled when the partition is revoked or
+/// Herald shuts down.
 async fn run_lane(
     mut rx: mpsc::UnboundedReceiver<Job>,
     state: Arc<PartitionState>,
-    consumer: Arc<BaseConsumer<HeraldContext>>,
-    pipeline: Arc<Pipeline>,
+    sink: Arc<dyn OffsetSink>,
+    handler: Arc<dyn Handler>,
     shutdown: CancellationToken,
 ) {
     while let Some(job) = rx.recv().await {
@@ -447,36 +508,379 @@ async fn run_lane(
             }
             g.running += 1;
         }
-        let m = &job.message;
-        let mut backoff = Duration::from_millis(100);
-        let done = loop {
-            match pipeline.process(m).await {
-                Ok(()) => break true,
-                Err(e) => {
-                    tracing::warn!(topic = %m.topic, partition = m.partition, offset = m.offset,
-                        error = %e, retry_in_ms = backoff.as_millis() as u64, "processing failed; retrying");
-                    pipeline
-                        .metrics()
-                        .infra_retries
-                        .with_label_values(&[e.stage()])
-                        .inc();
-                    if state.lock().revoked || shutdown.is_cancelled() {
-                        break false;
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+        let acks = AckCollector::new();
+        let done = process(handler.as_ref(), &job.message, &acks, &state, &shutdown).await;
+        if done && acks.pending() > 0 {
+            // The permit travels with the job: the message stays in flight
+            // (and counts for the drain) until its acknowledgements arrive.
+            tokio::spawn(await_acks(
+                job,
+                acks,
+                state.clone(),
+                sink.clone(),
+                handler.clone(),
+                shutdown.clone(),
+            ));
+        } else {
+            settle(&state, &job.message, done, sink.as_ref());
+        }
+    }
+}
+
+/// Runs `handler` on `m` inside `acks` until it succeeds (`true`) or the
+/// partition is revoked / Herald stops (`false`).
+async fn process(
+    handler: &dyn Handler,
+    m: &SourceMessage,
+    acks: &AckCollector,
+    state: &PartitionState,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match acks.scope(handler.handle(m)).await {
+            Ok(()) => return true,
+            Err(e) => {
+                tracing::warn!(topic = %m.topic, partition = m.partition, offset = m.offset,
+                    error = %e, retry_in_ms = backoff.as_millis() as u64, "processing failed; retrying");
+                handler.retried(e.stage());
+                if state.lock().revoked || shutdown.is_cancelled() {
+                    return false;
                 }
-            }
-        };
-        let mut g = state.lock();
-        g.running -= 1;
-        if done && let Some(offset) = g.tracker.complete(m.offset) {
-            // Fails harmlessly if the partition is no longer assigned.
-            if let Err(e) = consumer.store_offset(&m.topic, m.partition, offset) {
-                tracing::debug!(error = %e, "store offset");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
-        drop(g);
-        state.settled.notify_all();
+    }
+}
+
+/// Waits for a processed message's acknowledgements, then settles it. When
+/// one failed, the message is processed again (a redelivery: the claim finds
+/// the row and re-publishes its stored outcome with the same event id; a dead
+/// letter already acknowledged is not published again).
+async fn await_acks(
+    job: Job,
+    acks: AckCollector,
+    state: Arc<PartitionState>,
+    sink: Arc<dyn OffsetSink>,
+    handler: Arc<dyn Handler>,
+    shutdown: CancellationToken,
+) {
+    let m = &job.message;
+    let done = loop {
+        match acks.settle().await {
+            Ok(()) => break true,
+            Err(e) => {
+                tracing::warn!(topic = %m.topic, partition = m.partition, offset = m.offset,
+                    error = %e, "outcome not acknowledged; processing the request again");
+                handler.retried("publish");
+                if state.lock().revoked || shutdown.is_cancelled() {
+                    break false;
+                }
+                if !process(handler.as_ref(), m, &acks, &state, &shutdown).await {
+                    break false;
+                }
+            }
+        }
+    };
+    settle(&state, m, done, sink.as_ref());
+    drop(job);
+}
+
+/// Ends a running message: when `done`, marks its offset complete and stores
+/// the new watermark; either way wakes the drain.
+fn settle(state: &PartitionState, m: &SourceMessage, done: bool, sink: &dyn OffsetSink) {
+    let mut g = state.lock();
+    g.running -= 1;
+    if done && let Some(offset) = g.tracker.complete(m.offset) {
+        sink.store(&m.topic, m.partition, offset);
+    }
+    drop(g);
+    state.settled.notify_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::kafka::PublishError;
+    use crate::kafka::acks::{self, AckFuture, AckKind};
+
+    /// Records stored offsets.
+    #[derive(Default)]
+    struct Stored(Mutex<Vec<i64>>);
+
+    impl OffsetSink for Stored {
+        fn store(&self, _topic: &str, _partition: i32, offset: i64) {
+            self.0.lock().unwrap().push(offset);
+        }
+    }
+
+    impl Stored {
+        fn offsets(&self) -> Vec<i64> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    /// Publishes like the pipeline does, with acknowledgements the test
+    /// resolves by hand: optionally a dead letter (unless the collector
+    /// already has one), then `outcomes` outcome events.
+    struct Fake {
+        outcomes: usize,
+        dead_letter: bool,
+        /// Offsets handled, in order (re-runs included).
+        calls: Mutex<Vec<i64>>,
+        /// Unresolved acknowledgements, in publish order.
+        acks: Mutex<Vec<(i64, AckKind, oneshot::Sender<bool>)>>,
+        dead_letters: AtomicUsize,
+    }
+
+    impl Fake {
+        fn new(outcomes: usize, dead_letter: bool) -> Arc<Fake> {
+            Arc::new(Fake {
+                outcomes,
+                dead_letter,
+                calls: Mutex::new(Vec::new()),
+                acks: Mutex::new(Vec::new()),
+                dead_letters: AtomicUsize::new(0),
+            })
+        }
+
+        fn calls(&self) -> Vec<i64> {
+            self.calls.lock().unwrap().clone()
+        }
+
+        fn pending(&self) -> usize {
+            self.acks.lock().unwrap().len()
+        }
+
+        /// Resolves the oldest pending acknowledgement of `offset` and `kind`.
+        fn ack(&self, offset: i64, kind: AckKind, ok: bool) {
+            let mut acks = self.acks.lock().unwrap();
+            let i = acks
+                .iter()
+                .position(|(o, k, _)| *o == offset && *k == kind)
+                .expect("a pending ack");
+            let (_, _, tx) = acks.remove(i);
+            tx.send(ok).unwrap();
+        }
+
+        fn publish(&self, offset: i64, kind: AckKind) -> AckFuture {
+            let (tx, rx) = oneshot::channel::<bool>();
+            self.acks.lock().unwrap().push((offset, kind, tx));
+            Box::pin(async move {
+                match rx.await {
+                    Ok(true) => Ok(()),
+                    _ => Err(PublishError::Kafka(rdkafka::error::KafkaError::Canceled)),
+                }
+            })
+        }
+    }
+
+    impl Handler for Fake {
+        fn handle<'a>(&'a self, m: &'a SourceMessage) -> BoxFuture<'a, Result<(), PipelineError>> {
+            Box::pin(async move {
+                self.calls.lock().unwrap().push(m.offset);
+                if self.dead_letter && !acks::dead_letter_already_published() {
+                    self.dead_letters.fetch_add(1, Ordering::SeqCst);
+                    let f = self.publish(m.offset, AckKind::DeadLetter);
+                    acks::route(AckKind::DeadLetter, f).await?;
+                }
+                for _ in 0..self.outcomes {
+                    let f = self.publish(m.offset, AckKind::Outcome);
+                    acks::route(AckKind::Outcome, f).await?;
+                }
+                Ok(())
+            })
+        }
+
+        fn retried(&self, _stage: &'static str) {}
+    }
+
+    /// One lane of one partition, fed by hand.
+    struct Lane {
+        tx: mpsc::UnboundedSender<Job>,
+        state: Arc<PartitionState>,
+        stored: Arc<Stored>,
+        permits: Arc<Semaphore>,
+        metrics: Metrics,
+    }
+
+    impl Lane {
+        fn start(handler: Arc<Fake>) -> Lane {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let state = PartitionState::new();
+            let stored = Arc::new(Stored::default());
+            tokio::spawn(run_lane(
+                rx,
+                state.clone(),
+                stored.clone(),
+                handler,
+                CancellationToken::new(),
+            ));
+            Lane {
+                tx,
+                state,
+                stored,
+                permits: Arc::new(Semaphore::new(100)),
+                metrics: Metrics::new(),
+            }
+        }
+
+        fn send(&self, offset: i64) {
+            self.state.lock().tracker.begin(offset);
+            let job = Job {
+                message: SourceMessage {
+                    topic: "t".into(),
+                    partition: 0,
+                    offset,
+                    key: Some(b"same-key".to_vec()),
+                    payload: None,
+                    headers: Vec::new(),
+                    timestamp_ms: None,
+                },
+                _permit: InFlight {
+                    _permit: self.permits.clone().try_acquire_owned().unwrap(),
+                    metrics: self.metrics.clone(),
+                },
+            };
+            assert!(self.tx.send(job).is_ok());
+        }
+
+        fn running(&self) -> usize {
+            self.state.lock().running
+        }
+
+        fn in_flight(&self) -> usize {
+            100 - self.permits.available_permits()
+        }
+    }
+
+    async fn eventually(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Gives spawned tasks a chance to run (and to do what they must not).
+    async fn settle_tasks() {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+
+    #[tokio::test]
+    async fn the_lane_takes_the_next_message_before_the_ack_and_the_offset_waits_for_it() {
+        let fake = Fake::new(1, false);
+        let lane = Lane::start(fake.clone());
+        lane.send(0);
+        lane.send(1);
+        // Same lane, in order, and the second ran while the first's ack is pending.
+        eventually("both processed", || fake.calls() == vec![0, 1]).await;
+        assert_eq!(lane.running(), 2);
+        assert_eq!(lane.in_flight(), 2, "permits are held until the acks");
+        fake.ack(1, AckKind::Outcome, true);
+        settle_tasks().await;
+        assert!(
+            lane.stored.offsets().is_empty(),
+            "offset 0 is not acked yet"
+        );
+        fake.ack(0, AckKind::Outcome, true);
+        eventually("offset stored", || lane.stored.offsets() == vec![1]).await;
+        eventually("settled", || lane.running() == 0 && lane.in_flight() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn the_offset_waits_for_every_ack_of_the_message() {
+        let fake = Fake::new(3, false);
+        let lane = Lane::start(fake.clone());
+        lane.send(7);
+        eventually("three acks pending", || fake.pending() == 3).await;
+        fake.ack(7, AckKind::Outcome, true);
+        fake.ack(7, AckKind::Outcome, true);
+        settle_tasks().await;
+        assert!(lane.stored.offsets().is_empty());
+        fake.ack(7, AckKind::Outcome, true);
+        eventually("offset stored", || lane.stored.offsets() == vec![7]).await;
+        assert_eq!(fake.calls(), vec![7]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_ack_reprocesses_the_message_without_a_second_dead_letter() {
+        let fake = Fake::new(1, true);
+        let lane = Lane::start(fake.clone());
+        lane.send(5);
+        eventually("dead letter and outcome pending", || fake.pending() == 2).await;
+        fake.ack(5, AckKind::DeadLetter, true);
+        fake.ack(5, AckKind::Outcome, false);
+        eventually("processed again", || fake.calls() == vec![5, 5]).await;
+        eventually("new outcome pending", || fake.pending() == 1).await;
+        assert_eq!(fake.dead_letters.load(Ordering::SeqCst), 1);
+        assert!(lane.stored.offsets().is_empty());
+        fake.ack(5, AckKind::Outcome, true);
+        eventually("offset stored", || lane.stored.offsets() == vec![5]).await;
+        assert_eq!(lane.running(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_dead_letter_is_published_again() {
+        let fake = Fake::new(1, true);
+        let lane = Lane::start(fake.clone());
+        lane.send(3);
+        eventually("dead letter and outcome pending", || fake.pending() == 2).await;
+        fake.ack(3, AckKind::DeadLetter, false);
+        fake.ack(3, AckKind::Outcome, true);
+        eventually("processed again", || fake.calls() == vec![3, 3]).await;
+        eventually("both pending again", || fake.pending() == 2).await;
+        assert_eq!(fake.dead_letters.load(Ordering::SeqCst), 2);
+        fake.ack(3, AckKind::DeadLetter, true);
+        fake.ack(3, AckKind::Outcome, true);
+        eventually("offset stored", || lane.stored.offsets() == vec![3]).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_drain_waits_for_pending_acks() {
+        let fake = Fake::new(1, false);
+        let lane = Lane::start(fake.clone());
+        lane.send(0);
+        eventually("processed", || fake.pending() == 1).await;
+        let state = lane.state.clone();
+        let left = tokio::task::spawn_blocking(move || {
+            state.revoke_and_drain(Instant::now() + Duration::from_millis(50))
+        })
+        .await
+        .unwrap();
+        assert_eq!(left, 1, "the message waiting for its ack is still running");
+        let state = lane.state.clone();
+        let drain = tokio::task::spawn_blocking(move || {
+            state.revoke_and_drain(Instant::now() + Duration::from_secs(5))
+        });
+        settle_tasks().await;
+        assert!(!drain.is_finished());
+        fake.ack(0, AckKind::Outcome, true);
+        assert_eq!(drain.await.unwrap(), 0);
+        // Work that finished during the drain is committed with it.
+        assert_eq!(lane.stored.offsets(), vec![0]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_ack_after_revoke_leaves_the_offset_for_the_next_owner() {
+        let fake = Fake::new(1, false);
+        let lane = Lane::start(fake.clone());
+        lane.send(0);
+        lane.send(1);
+        eventually("processed", || fake.pending() == 2).await;
+        lane.state.lock().revoked = true;
+        fake.ack(0, AckKind::Outcome, false);
+        fake.ack(1, AckKind::Outcome, true);
+        eventually("settled", || lane.running() == 0).await;
+        assert_eq!(fake.calls(), vec![0, 1], "not processed again after revoke");
+        assert!(
+            lane.stored.offsets().is_empty(),
+            "offset 0 must be redelivered"
+        );
     }
 }

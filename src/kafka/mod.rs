@@ -1,6 +1,7 @@
 //! Kafka: client configuration, the request consumer, the in-order offset
 //! tracker, the outcome/DLQ publisher and topic administration.
 
+pub mod acks;
 pub mod consumer;
 pub mod offsets;
 pub mod preferences;
@@ -90,8 +91,9 @@ fn is_consumer_only(key: &str) -> bool {
 
 /// Consumer configuration: manual offset store, periodic auto-commit of
 /// stored offsets, small fetch wait (the local broker needs it for latency).
-/// The 30 s session timeout rides out short broker outages: the local broker
-/// (tansu 0.6) never hands partitions back to a member whose session expired.
+/// The 45 s session timeout (Kafka's default) rides out short broker outages
+/// and slow coordinator answers: the local broker (tansu 0.6) never hands
+/// partitions back to a member whose session expired (docs/faults.md).
 pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
     let mut c = base_config(settings);
     c.set("group.id", &settings.group_id)
@@ -103,7 +105,7 @@ pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "5")
-        .set("session.timeout.ms", "30000")
+        .set("session.timeout.ms", "45000")
         .set("heartbeat.interval.ms", "1000")
         .set("max.poll.interval.ms", "300000")
         .set("enable.partition.eof", "false");

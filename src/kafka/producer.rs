@@ -2,16 +2,22 @@
 //!
 //! [`OutcomePublisher`] is a seam (a trait) so pipeline unit tests can run
 //! without a broker; [`KafkaPublisher`] is the real one: an idempotent
-//! `FutureProducer` whose sends resolve only once the broker acknowledged.
+//! `FutureProducer`. A publish resolves once the record is acknowledged by
+//! the broker, except inside an [`super::acks::AckCollector`] scope (the
+//! request consumer): there it resolves once the record is enqueued, and the
+//! acknowledgement goes to the collector (see [`super::acks`]).
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::ToBytes;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
 use super::SourceMessage;
+use super::acks::{self, AckFuture, AckKind};
 use crate::config::KafkaSettings;
 use crate::domain::DeliveryStatusEvent;
 
@@ -33,11 +39,13 @@ pub enum PublishError {
 #[async_trait]
 pub trait OutcomePublisher: Send + Sync {
     /// Publishes `event` keyed by its notification id (or event id) and waits
-    /// for the acknowledgement.
+    /// for the acknowledgement (inside an ack collector: for the enqueue).
     async fn publish_outcome(&self, event: &DeliveryStatusEvent) -> Result<(), PublishError>;
 
     /// Publishes the original message to the dead-letter topic with headers
-    /// naming the error and the source position, and waits for the ack.
+    /// naming the error and the source position, and waits for the ack
+    /// (inside an ack collector: for the enqueue; and nothing is published
+    /// when the collector already holds this request's dead letter).
     async fn publish_dead_letter(
         &self,
         source: &SourceMessage,
@@ -70,6 +78,36 @@ impl KafkaPublisher {
         &self.producer
     }
 
+    /// Enqueues `record`, waiting while the producer queue is full, and
+    /// returns its acknowledgement.
+    async fn enqueue<K, P>(
+        &self,
+        mut record: FutureRecord<'_, K, P>,
+    ) -> Result<AckFuture, PublishError>
+    where
+        K: ToBytes + ?Sized + Sync,
+        P: ToBytes + ?Sized + Sync,
+    {
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => {
+                    return Ok(Box::pin(async move {
+                        match delivery.await {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err((e, _))) => Err(PublishError::Kafka(e)),
+                            Err(_) => Err(PublishError::Kafka(KafkaError::Canceled)),
+                        }
+                    }));
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(PublishError::Kafka(e)),
+            }
+        }
+    }
+
     /// Flushes queued messages (at shutdown).
     pub fn flush(&self, timeout: Duration) {
         let _ = self.producer.flush(Timeout::After(timeout));
@@ -94,11 +132,8 @@ impl OutcomePublisher for KafkaPublisher {
             .key(key)
             .payload(&payload)
             .headers(headers);
-        self.producer
-            .send(record, Timeout::Never)
-            .await
-            .map_err(|(e, _)| PublishError::Kafka(e))?;
-        Ok(())
+        let ack = self.enqueue(record).await?;
+        acks::route(AckKind::Outcome, ack).await
     }
 
     async fn publish_dead_letter(
@@ -107,6 +142,9 @@ impl OutcomePublisher for KafkaPublisher {
         code: &str,
         message: &str,
     ) -> Result<(), PublishError> {
+        if acks::dead_letter_already_published() {
+            return Ok(());
+        }
         let partition = source.partition.to_string();
         let offset = source.offset.to_string();
         let mut headers = OwnedHeaders::new();
@@ -158,10 +196,115 @@ impl OutcomePublisher for KafkaPublisher {
         if let Some(k) = source.key.as_deref() {
             record = record.key(k);
         }
-        self.producer
-            .send(record, Timeout::Never)
+        let ack = self.enqueue(record).await?;
+        acks::route(AckKind::DeadLetter, ack).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::mocking::MockCluster;
+
+    use super::*;
+    use crate::config::Settings;
+    use crate::domain::Status;
+    use crate::kafka::acks::AckCollector;
+
+    fn publisher(
+        mock: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+    ) -> KafkaPublisher {
+        let settings = Settings::load_with_env(
+            None,
+            [
+                (
+                    "HERALD_KAFKA__BROKERS".to_string(),
+                    mock.bootstrap_servers(),
+                ),
+                (
+                    "HERALD_KAFKA__OUTCOME_TOPIC".to_string(),
+                    "outcomes".to_string(),
+                ),
+                ("HERALD_KAFKA__DLQ_TOPIC".to_string(), "dlq".to_string()),
+            ],
+        )
+        .unwrap();
+        KafkaPublisher::new(&settings.kafka).unwrap()
+    }
+
+    fn records(
+        mock: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+        topic: &str,
+    ) -> i64 {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", mock.bootstrap_servers())
+            .create()
+            .unwrap();
+        let (low, high) = c
+            .fetch_watermarks(topic, 0, Duration::from_secs(10))
+            .unwrap();
+        high - low
+    }
+
+    fn source() -> SourceMessage {
+        SourceMessage {
+            topic: "requests".into(),
+            partition: 0,
+            offset: 42,
+            key: Some(b"k".to_vec()),
+            payload: Some(b"not json".to_vec()),
+            headers: Vec::new(),
+            timestamp_ms: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn inside_a_collector_publishes_are_enqueued_and_a_dead_letter_goes_out_once() {
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic("outcomes", 1, 1).unwrap();
+        mock.create_topic("dlq", 1, 1).unwrap();
+        let p = publisher(&mock);
+        let acks = AckCollector::new();
+        let event = DeliveryStatusEvent::new(Status::Rejected);
+        acks.scope(async {
+            p.publish_dead_letter(&source(), "invalid_json", "bad")
+                .await
+                .unwrap();
+            // A re-run of the same request (same collector): no second dead letter.
+            p.publish_dead_letter(&source(), "invalid_json", "bad")
+                .await
+                .unwrap();
+            p.publish_outcome(&event).await.unwrap();
+        })
+        .await;
+        assert_eq!(
+            acks.pending(),
+            2,
+            "one dead letter and one outcome, not awaited"
+        );
+        acks.settle().await.unwrap();
+        assert_eq!(records(&mock, "dlq"), 1);
+        assert_eq!(records(&mock, "outcomes"), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn outside_a_collector_a_publish_waits_for_the_ack() {
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic("outcomes", 1, 1).unwrap();
+        mock.create_topic("dlq", 1, 1).unwrap();
+        let p = publisher(&mock);
+        p.publish_outcome(&DeliveryStatusEvent::new(Status::Sent))
             .await
-            .map_err(|(e, _)| PublishError::Kafka(e))?;
-        Ok(())
+            .unwrap();
+        p.publish_dead_letter(&source(), "invalid_json", "bad")
+            .await
+            .unwrap();
+        p.publish_dead_letter(&source(), "invalid_json", "bad")
+            .await
+            .unwrap();
+        // Acknowledged on return: already on the broker.
+        assert_eq!(records(&mock, "outcomes"), 1);
+        assert_eq!(records(&mock, "dlq"), 2, "no collector, no deduplication");
     }
 }

@@ -2,13 +2,14 @@
 //!
 //! The claim is one atomic `INSERT … ON CONFLICT DO NOTHING`: whoever inserts
 //! the row owns the first attempt; a redelivered request finds the row and
-//! learns what already happened.
+//! learns what already happened. Concurrent claims are written together in
+//! one multi-row statement (see [`super::batch`]).
 
 use sqlx::PgPool;
 use sqlx::types::Json;
 
 use super::StoreError;
-use super::batch::FinishBatcher;
+use super::batch::{ClaimBatcher, ClaimJob, FinishBatcher};
 use crate::domain::{DeliveryStatusEvent, ErrorInfo, Notification, Status};
 
 /// What [`NotificationStore::claim`] found.
@@ -44,6 +45,8 @@ pub struct NotificationStore {
     send_lease: std::time::Duration,
     /// Coalesces attempt-finishing writes.
     finisher: FinishBatcher,
+    /// Coalesces claims.
+    claims: ClaimBatcher,
 }
 
 impl NotificationStore {
@@ -51,14 +54,17 @@ impl NotificationStore {
     /// the batched writers).
     pub fn new(pool: PgPool, send_lease: std::time::Duration) -> Self {
         let finisher = FinishBatcher::start(pool.clone());
+        let claims = ClaimBatcher::start(pool.clone(), send_lease);
         NotificationStore {
             pool,
             send_lease,
             finisher,
+            claims,
         }
     }
 
-    /// Inserts `n` with `status` unless a row with its id exists.
+    /// Inserts `n` with `status` unless a row with its id exists. Concurrent
+    /// calls are written together in one statement (see [`super::batch`]).
     ///
     /// With `Status::Sending` an attempt row (attempt 1, `provider`) is written
     /// in the same statement, so a crash after the provider call is visible
@@ -72,48 +78,36 @@ impl NotificationStore {
         event: Option<&DeliveryStatusEvent>,
     ) -> Result<Claim, StoreError> {
         let payload = serde_json::to_value(n).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let last_event = event
+            .map(serde_json::to_value)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let error = event.and_then(|e| e.error.as_ref());
         let attempts: i32 = if status == Status::Sending { 1 } else { 0 };
-        let inserted: Option<String> = sqlx::query_scalar(
-            r#"
-            WITH ins AS (
-                INSERT INTO notifications (
-                    id, request_id, tenant_id, app_id, channel, priority, category,
-                    correlation_id, status, attempts, provider, payload, last_event,
-                    error_code, error_message, scheduled_at, expires_at, failed_at, send_lease_until)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                        CASE WHEN $9 = 'failed' THEN now() END,
-                        CASE WHEN $9 = 'sending' THEN now() + make_interval(secs => $18) END)
-                ON CONFLICT (id) DO NOTHING
-                RETURNING id
-            ), attempt AS (
-                INSERT INTO delivery_attempts (notification_id, attempt, provider, status)
-                SELECT id, 1, $11, 'sending' FROM ins WHERE $9 = 'sending'
-            )
-            SELECT id FROM ins
-            "#,
-        )
-        .bind(&n.id)
-        .bind(&n.request_id)
-        .bind(&n.tenant_id)
-        .bind(&n.app_id)
-        .bind(n.channel.as_str())
-        .bind(n.priority.as_str())
-        .bind(&n.category)
-        .bind(&n.correlation_id)
-        .bind(status.as_str())
-        .bind(attempts)
-        .bind(provider)
-        .bind(Json(&payload))
-        .bind(event.map(Json))
-        .bind(error.map(|e| e.code.as_str()))
-        .bind(error.map(|e| e.message.as_str()))
-        .bind(n.scheduled_at)
-        .bind(n.expires_at)
-        .bind(self.send_lease.as_secs_f64())
-        .fetch_optional(&self.pool)
-        .await?;
-        if inserted.is_some() {
+        let inserted = self
+            .claims
+            .claim(|done| ClaimJob {
+                id: n.id.clone(),
+                request_id: n.request_id.clone(),
+                tenant_id: n.tenant_id.clone(),
+                app_id: n.app_id.clone(),
+                channel: n.channel.as_str().to_string(),
+                priority: n.priority.as_str().to_string(),
+                category: n.category.clone(),
+                correlation_id: n.correlation_id.clone(),
+                status: status.as_str().to_string(),
+                attempts,
+                provider: provider.to_string(),
+                payload,
+                last_event,
+                error_code: error.map(|e| e.code.clone()),
+                error_message: error.map(|e| e.message.clone()),
+                scheduled_at: n.scheduled_at,
+                expires_at: n.expires_at,
+                done,
+            })
+            .await?;
+        if inserted {
             return Ok(Claim::New { attempt: attempts });
         }
         self.existing(&n.id).await
@@ -254,5 +248,123 @@ impl NotificationStore {
                 .map(|s| Some((s, a)))
                 .ok_or_else(|| StoreError::Corrupt(format!("unknown status {s:?}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Connection;
+
+    use super::*;
+    use crate::domain::decode_request;
+
+    /// A fresh migrated database on the test PostgreSQL
+    /// (`HERALD_TEST_DATABASE_URL`, as the integration tests use).
+    async fn fresh_pool() -> PgPool {
+        let admin = std::env::var("HERALD_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55432/postgres".into());
+        let name = format!(
+            "herald_store_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
+        let pool = PgPool::connect(&url).await.unwrap();
+        crate::store::migrate(&pool).await.unwrap();
+        pool
+    }
+
+    fn notification(id: &str) -> Notification {
+        let raw = format!(
+            r#"{{"id":"{id}","channel":"webhook","recipient":{{"url":"https://example.com/h"}},"content":{{"text":"hi"}}}}"#
+        );
+        decode_request(raw.as_bytes(), 1 << 20)
+            .unwrap()
+            .into_notifications()
+            .remove(0)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_claims_of_one_id_in_one_batch_have_one_owner() {
+        let store = NotificationStore::new(fresh_pool().await, std::time::Duration::from_secs(60));
+        // Many distinct ids plus several copies of one id, all at once: they
+        // are written in a few batched statements.
+        let mut claims = Vec::new();
+        for i in 0..40 {
+            claims.push(notification(&format!("n-{i}")));
+            if i % 8 == 0 {
+                claims.push(notification("dup"));
+            }
+        }
+        let results = futures::future::join_all(
+            claims
+                .iter()
+                .map(|n| store.claim(n, Status::Sending, "webhook", None)),
+        )
+        .await;
+        let mut dup_new = 0;
+        for (n, r) in claims.iter().zip(results) {
+            match r.unwrap() {
+                Claim::New { attempt } => {
+                    assert_eq!(attempt, 1);
+                    if n.id == "dup" {
+                        dup_new += 1;
+                    }
+                }
+                Claim::Existing { status, .. } => {
+                    assert_eq!(n.id, "dup", "only the copies find the row");
+                    assert_eq!(status, Status::Sending);
+                }
+            }
+        }
+        assert_eq!(dup_new, 1, "exactly one copy owns the notification");
+        let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM delivery_attempts")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(attempts, 41, "one `sending` attempt per notification");
+        assert_eq!(
+            store.status("n-3").await.unwrap(),
+            Some((Status::Sending, 1))
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_claim_stores_its_event_and_no_attempt() {
+        let store = NotificationStore::new(fresh_pool().await, std::time::Duration::from_secs(60));
+        let n = notification("f-1");
+        let mut event = DeliveryStatusEvent::for_notification(&n, Status::Failed, 0);
+        event.error = Some(ErrorInfo {
+            code: "template_error".into(),
+            message: "boom".into(),
+            retryable: false,
+        });
+        let first = store
+            .claim(&n, Status::Failed, "webhook", Some(&event))
+            .await
+            .unwrap();
+        assert_eq!(first, Claim::New { attempt: 0 });
+        match store
+            .claim(&n, Status::Failed, "webhook", Some(&event))
+            .await
+            .unwrap()
+        {
+            Claim::Existing {
+                status, last_event, ..
+            } => {
+                assert_eq!(status, Status::Failed);
+                assert_eq!(last_event.unwrap().event_id, event.event_id);
+            }
+            other => panic!("expected the existing row, got {other:?}"),
+        }
+        let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM delivery_attempts")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(attempts, 0);
     }
 }

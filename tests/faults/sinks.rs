@@ -94,7 +94,6 @@ fn email_request(id: &str, i: usize) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "flaky on the shared local broker (a phase once stalled > 180 s in CI); run by scripts/faults.sh"]
 async fn smtp_relay_down_for_ten_seconds_fails_retryably_and_recovers() {
     let per_phase = scale(200, 1500);
     let f = Faults::shared(4).await;

@@ -285,17 +285,24 @@ impl Faults {
     }
 
     /// Herald's environment with this broker plus `extra`. The session
-    /// timeout is 30 s: on the local broker (tansu 0.6.0) a member whose
-    /// session expires — during a broker outage, or when the loaded broker
-    /// answers heartbeats late — never gets an assignment again (see
-    /// docs/faults.md), which would turn every fault into a stuck partition.
+    /// timeout is 60 s and offsets are committed every 5 s (Herald's
+    /// default; the shared test environment commits every 200 ms): on the
+    /// local broker (tansu 0.6.0) a member whose session expires — during a
+    /// broker outage, or when the loaded broker answers heartbeats late
+    /// because they queue behind slow offset commits — never gets an
+    /// assignment again (see docs/faults.md), which would turn every fault
+    /// into a stuck partition.
     pub fn vars(&self, extra: &[(&str, String)]) -> Vec<(String, String)> {
         let mut all: Vec<(&str, String)> = vec![
             ("HERALD_KAFKA__BROKERS", self.brokers.clone()),
+            // Above any broker outage here and above the local broker's
+            // slowest coordinator answers under load: a session that expires
+            // on tansu 0.6.0 never gets partitions again (docs/faults.md).
             (
                 "HERALD_KAFKA__PROPERTIES__SESSION_TIMEOUT_MS",
-                "30000".into(),
+                "60000".into(),
             ),
+            ("HERALD_KAFKA__COMMIT_INTERVAL_MS", "5000".into()),
         ];
         all.extend(extra.iter().cloned());
         self.env.vars(&all)
@@ -580,14 +587,38 @@ pub fn log_dir(test: &str) -> (Option<tempfile::TempDir>, PathBuf) {
     }
 }
 
-/// Tail of a log file for failure messages.
+/// Lines of Herald's log that tell a stalled consumer group from a stalled
+/// pipeline: assignments, revokes, librdkafka session and request timeouts,
+/// drain deadlines, panics.
+const GROUP_HISTORY: &[&str] = &[
+    "partitions assigned",
+    "partitions revoked",
+    "SESSTMOUT",
+    "REQTMOUT",
+    "drain deadline",
+    "lane closed",
+    "panicked",
+];
+
+/// For failure messages: the consumer-group history of a Herald log (see
+/// [`GROUP_HISTORY`]; a `SESSTMOUT` without a later `partitions assigned` is
+/// the local broker's group wedge, docs/faults.md), then the log's tail.
 pub fn log_tail(path: &Path) -> String {
     let log = std::fs::read_to_string(path).unwrap_or_default();
+    let history: Vec<&str> = log
+        .lines()
+        .filter(|l| GROUP_HISTORY.iter().any(|k| l.contains(k)))
+        .collect();
     let mut start = log.len().saturating_sub(4000);
     while !log.is_char_boundary(start) {
         start += 1;
     }
-    log[start..].to_string()
+    format!(
+        "consumer group history ({} lines):\n{}\n--- log tail:\n{}",
+        history.len(),
+        history.join("\n"),
+        &log[start..]
+    )
 }
 
 /// A webhook request to `url` whose content mentions its id.
