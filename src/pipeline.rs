@@ -1,8 +1,11 @@
-//! One request through Herald: decode → claim → render → send → persist →
+//! One request through Herald: decode → policy → claim → render → route
+//! (providers in order: breaker, rate limit, send, fallback) → persist →
 //! publish. [`Pipeline::process`] returns `Ok` once the request's state is
-//! durable in PostgreSQL and its outcome events are acknowledged by Kafka —
-//! only then may the consumer store the offset. An `Err` is always an
-//! infrastructure failure (database, broker): the caller retries the message.
+//! durable in PostgreSQL and its outcome events are published: acknowledged
+//! by Kafka, or — inside the consumer, which sets an ack collector
+//! ([`crate::kafka::acks`]) — enqueued, with the consumer storing the offset
+//! only when their acks arrive. An `Err` is always an infrastructure failure
+//! (database, broker): the caller retries the message.
 //!
 //! Bad input is never an `Err`: it becomes a dead letter plus a `rejected`
 //! outcome, or a `failed` outcome, and processing moves on.
