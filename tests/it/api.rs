@@ -504,7 +504,8 @@ async fn preview_errors_and_submitted_notifications_through_the_topic() {
         .await;
     assert_problem(s, &v, StatusCode::FORBIDDEN);
 
-    // Retry: only failed notifications; the retry is a new request.
+    // Retry: only failed notifications; the same notification becomes due
+    // again and the scheduler sends it (here: fails again, still missing `name`).
     let (s, v) = api
         .post(
             &format!("/v1/notifications/{ok_id}/retry"),
@@ -513,6 +514,7 @@ async fn preview_errors_and_submitted_notifications_through_the_topic() {
         )
         .await;
     assert_problem(s, &v, StatusCode::CONFLICT);
+    let before_retry = chrono::Utc::now();
     let (s, v) = api
         .post(
             &format!("/v1/notifications/{bad_id}/retry"),
@@ -521,20 +523,27 @@ async fn preview_errors_and_submitted_notifications_through_the_topic() {
         )
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let retry_id = format!("{bad_id}:retry:1");
-    assert_eq!(v["id"], retry_id.as_str());
+    assert_eq!(v["id"], bad_id.as_str());
     assert_eq!(v["retry_of"], bad_id.as_str());
-    let r = api.wait_final(&retry_id, admin).await;
+    let r = api.wait_final(&bad_id, admin).await;
     assert_eq!(r["status"], "failed", "still missing `name`: {r}");
+    let failed_at =
+        chrono::DateTime::parse_from_rfc3339(r["failed_at"].as_str().expect("failed_at"))
+            .expect("rfc3339");
+    assert!(
+        failed_at > before_retry,
+        "failed again after the retry: {r}"
+    );
 
     // Stats see all of it.
     let (s, v) = api.get("/v1/stats", admin).await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    assert_eq!(v["total"], 4, "{v}");
+    assert_eq!(v["total"], 3, "{v}");
     assert_eq!(v["by_channel"]["webhook"]["sent"], 2, "{v}");
-    assert_eq!(v["by_channel"]["webhook"]["failed"], 2, "{v}");
-    assert_eq!(v["delivery_rate"], 0.5, "{v}");
-    assert_eq!(v["failure_rate"], 0.5, "{v}");
+    assert_eq!(v["by_channel"]["webhook"]["failed"], 1, "{v}");
+    let rate = |k: &str| v[k].as_f64().unwrap_or(-1.0);
+    assert!((rate("delivery_rate") - 2.0 / 3.0).abs() < 0.01, "{v}");
+    assert!((rate("failure_rate") - 1.0 / 3.0).abs() < 0.01, "{v}");
     assert!(v["avg_time_to_send_ms"].as_f64().is_some(), "{v}");
     app.stop().await;
 }

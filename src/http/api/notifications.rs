@@ -2,12 +2,11 @@
 //! delivery attempts, submit (produce a request to the request topic) and
 //! retry a failed notification.
 //!
-//! Retry: the pipeline has no re-send path yet (retries come with the
-//! providers issue), so a retry produces the stored notification as a NEW
-//! request with id `{id}:retry:{n}` (n = 1 + retries already recorded) and
-//! answers 202 with that id. Only `failed` notifications can be retried
-//! (409 otherwise). Two concurrent retries may pick the same `n`; the
-//! pipeline's idempotency then sends it once.
+//! Retry: exactly `herald retry <id>`. The `failed` notification becomes a
+//! due row again (`retrying`, due now, attempts kept, a fresh retry budget)
+//! and the scheduler sends it through the providers as usual; its next
+//! outcome events carry the same notification id. Answers 202 with the id.
+//! Only `failed` notifications can be retried (409 otherwise).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -25,7 +24,7 @@ use sqlx::{Postgres, QueryBuilder, Row};
 use super::auth::{Principal, Role};
 use super::problem::{Problem, RawBody, field_of};
 use super::{ApiState, Params, decode_cursor, encode_cursor};
-use crate::domain::{Channel, Content, Notification, Status, decode_request};
+use crate::domain::{Channel, Status, decode_request};
 
 const LIST_PARAMS: &[&str] = &[
     "status",
@@ -413,92 +412,32 @@ pub async fn retry(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, Problem> {
     p.require(&[Role::Admin])?;
-    let (v, payload) = load_visible(&state, &p, &id).await?;
+    let (v, _) = load_visible(&state, &p, &id).await?;
     if v.status != Status::Failed.as_str() {
         return Err(Problem::conflict(format!(
             "only failed notifications can be retried; this one is {}",
             v.status
         )));
     }
-    let n: Notification = serde_json::from_value(payload)
-        .map_err(|e| Problem::internal(&format!("stored payload of {id}: {e}")))?;
-    let prefix = format!("{id}:retry:");
-    let done: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM notifications WHERE starts_with(id, $1)")
-            .bind(&prefix)
-            .fetch_one(&state.pool)
-            .await?;
-    let new_id = format!("{prefix}{}", done + 1);
-    let request = wire_request(&n, &new_id);
-    let bytes = serde_json::to_vec(&request).map_err(|e| Problem::internal(&e))?;
-    decode_request(&bytes, state.settings.pipeline.max_request_bytes).map_err(|e| {
-        Problem::conflict(format!(
-            "the stored notification cannot be re-sent: {}",
-            e.message
-        ))
-    })?;
-    produce(&state, &kafka_key(&request), &bytes).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(Accepted {
-            id: new_id.clone(),
-            notification_ids: vec![new_id],
-            retry_of: Some(id),
-        }),
-    ))
-}
-
-/// A stored notification as a single-recipient wire request with `id`.
-fn wire_request(n: &Notification, id: &str) -> serde_json::Value {
-    let mut r = serde_json::json!({
-        "id": id,
-        "channel": n.channel.as_str(),
-        "priority": n.priority.as_str(),
-        "recipient": prune(serde_json::to_value(&n.recipient).unwrap_or_default()),
-    });
-    let put = |r: &mut serde_json::Value, k: &str, v: &Option<String>| {
-        if let Some(v) = v {
-            r[k] = serde_json::Value::String(v.clone());
+    match crate::store::DueStore::new(state.pool.clone())
+        .retry_failed(&id)
+        .await?
+    {
+        crate::store::RetryOutcome::Due { .. } => Ok((
+            StatusCode::ACCEPTED,
+            Json(Accepted {
+                id: id.clone(),
+                notification_ids: vec![id.clone()],
+                retry_of: Some(id),
+            }),
+        )),
+        // Changed between the read above and the update.
+        crate::store::RetryOutcome::NotFailed { status } => Err(Problem::conflict(format!(
+            "only failed notifications can be retried; this one is {status}"
+        ))),
+        crate::store::RetryOutcome::NotFound => {
+            Err(Problem::not_found(format!("notification {id} not found")))
         }
-    };
-    put(&mut r, "tenant_id", &n.tenant_id);
-    put(&mut r, "app_id", &n.app_id);
-    put(&mut r, "category", &n.category);
-    put(&mut r, "correlation_id", &n.correlation_id);
-    match &n.content {
-        Content::Template(t) => {
-            let mut tpl = serde_json::json!({ "key": t.key, "data": t.data });
-            if let Some(l) = &t.locale {
-                tpl["locale"] = l.clone().into();
-            }
-            r["template"] = tpl;
-        }
-        Content::Inline(c) => {
-            r["content"] = prune(serde_json::to_value(c).unwrap_or_default());
-        }
-    }
-    let meta = prune(serde_json::to_value(&n.meta).unwrap_or_default());
-    if meta.as_object().is_some_and(|m| !m.is_empty()) {
-        r["meta"] = meta;
-    }
-    // scheduled_at/expires_at are not carried over: a retry is sent now.
-    r
-}
-
-/// Drops null values and empty arrays/objects of an object (one level).
-fn prune(v: serde_json::Value) -> serde_json::Value {
-    match v {
-        serde_json::Value::Object(m) => serde_json::Value::Object(
-            m.into_iter()
-                .filter(|(_, v)| match v {
-                    serde_json::Value::Null => false,
-                    serde_json::Value::Array(a) => !a.is_empty(),
-                    serde_json::Value::Object(o) => !o.is_empty(),
-                    _ => true,
-                })
-                .collect(),
-        ),
-        other => other,
     }
 }
 
@@ -513,25 +452,5 @@ mod tests {
         let r = serde_json::json!({"id": "r", "recipients": [{"email": "a@b.c"}]});
         assert_eq!(kafka_key(&r), "a@b.c");
         assert_eq!(kafka_key(&serde_json::json!({"id": "r"})), "r");
-    }
-
-    #[test]
-    fn stored_notification_becomes_a_valid_request() {
-        let raw = serde_json::json!({
-            "id": "orig", "tenant_id": "acme", "channel": "email",
-            "recipient": {"email": "a@example.com", "user_id": "u1"},
-            "template": {"key": "welcome", "data": {"name": "Ana"}},
-            "meta": {"headers": {"X-A": "1"}}
-        });
-        let req = decode_request(raw.to_string().as_bytes(), 1 << 20).unwrap();
-        let n = req.into_notifications().remove(0);
-        let wire = wire_request(&n, "orig:retry:1");
-        let again = decode_request(wire.to_string().as_bytes(), 1 << 20).unwrap();
-        let m = again.into_notifications().remove(0);
-        assert_eq!(m.id, "orig:retry:1");
-        assert_eq!(m.content, n.content);
-        assert_eq!(m.recipient, n.recipient);
-        assert_eq!(m.meta, n.meta);
-        assert_eq!(m.tenant_id, n.tenant_id);
     }
 }
