@@ -145,20 +145,40 @@ impl SmtpSinkCounter {
         })
     }
 
-    /// Messages accepted so far (the last `msg=N` counter printed).
+    /// Messages accepted so far (the last `mesg=N` counter smtp-sink -c prints:
+    /// `sess=N quit=N mesg=N\r`).
     pub fn count(&self) -> usize {
         let s = self.output.lock().map(|s| s.clone()).unwrap_or_default();
-        s.rsplit("msg=")
-            .next()
-            .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
+        last_mesg(&s)
     }
+
+}
+
+/// The last `mesg=N` value in smtp-sink's `-c` output (0 when none yet).
+fn last_mesg(out: &str) -> usize {
+    out.rsplit("mesg=")
+        .next()
+        .filter(|t| t.len() < out.len())
+        .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 impl Drop for SmtpSinkCounter {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smtp_sink_counter_reads_the_last_mesg_value() {
+        let out = "sess=0 quit=0 mesg=1\rsess=1 quit=1 mesg=1\rsess=2 quit=2 mesg=27\r";
+        assert_eq!(last_mesg(out), 27);
+        assert_eq!(last_mesg(""), 0);
     }
 }
