@@ -151,7 +151,6 @@ impl SmtpSinkCounter {
         let s = self.output.lock().map(|s| s.clone()).unwrap_or_default();
         last_mesg(&s)
     }
-
 }
 
 /// The last `mesg=N` value in smtp-sink's `-c` output (0 when none yet).
