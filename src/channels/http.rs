@@ -91,27 +91,57 @@ impl Reply {
 
     /// `HTTP 400 Bad Request: <detail or the start of the body>`.
     pub fn describe(&self, detail: Option<&str>) -> String {
-        let mut message = format!("HTTP {}", self.status.as_u16());
-        if let Some(reason) = self.status.canonical_reason() {
-            message.push(' ');
-            message.push_str(reason);
+        match detail {
+            Some(d) => describe(self.status, d),
+            None => describe(self.status, &String::from_utf8_lossy(&self.body)),
         }
-        let text = match detail {
-            Some(d) => d.to_string(),
-            None => String::from_utf8_lossy(&self.body).into_owned(),
-        };
-        let snippet: String = text
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .take(300)
-            .collect();
-        let snippet = snippet.trim();
-        if !snippet.is_empty() {
-            message.push_str(": ");
-            message.push_str(snippet);
-        }
-        message
     }
+}
+
+/// `HTTP 503 Service Unavailable: <start of text>`, printable characters
+/// only (a reply body may hold anything).
+pub(crate) fn describe(status: StatusCode, text: &str) -> String {
+    let mut message = format!("HTTP {}", status.as_u16());
+    if let Some(reason) = status.canonical_reason() {
+        message.push(' ');
+        message.push_str(reason);
+    }
+    let snippet: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(300)
+        .collect();
+    let snippet = snippet.trim();
+    if !snippet.is_empty() {
+        message.push_str(": ");
+        message.push_str(snippet);
+    }
+    message
+}
+
+/// Reads at most `limit` bytes of a response body. A body cut short (or
+/// failing mid-way) only costs detail in the message: the status decides.
+pub(crate) async fn read_limited(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    while body.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let take = chunk.len().min(limit - body.len());
+                body.extend_from_slice(&chunk[..take]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    body
+}
+
+/// The innermost cause of an error chain (e.g. "Connection refused").
+pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
 }
 
 /// Sends `request` and reads the reply; transport failures become
@@ -120,18 +150,7 @@ pub(crate) async fn execute(request: reqwest::RequestBuilder) -> Result<Reply, S
     let mut response = request.send().await.map_err(|e| transport_error(&e))?;
     let status = response.status();
     let headers = std::mem::take(response.headers_mut());
-    let mut body = Vec::new();
-    while body.len() < MAX_RESPONSE_BYTES {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
-                let take = chunk.len().min(MAX_RESPONSE_BYTES - body.len());
-                body.extend_from_slice(&chunk[..take]);
-            }
-            // The status decides the outcome; a body cut short only costs
-            // detail in the message.
-            Ok(None) | Err(_) => break,
-        }
-    }
+    let body = read_limited(response, MAX_RESPONSE_BYTES).await;
     Ok(Reply {
         status,
         headers,
@@ -215,11 +234,7 @@ pub(crate) fn transport_error(e: &reqwest::Error) -> SendError {
         "provider_error"
     };
     let mut message = e.to_string();
-    let mut cur: &dyn std::error::Error = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    let root = cur.to_string();
+    let root = root_cause(e);
     if !message.contains(&root) {
         message = format!("{message}: {root}");
     }

@@ -21,7 +21,7 @@ use secrecy::{ExposeSecret, SecretSlice};
 use serde::Serialize;
 use sha2::Sha256;
 
-use super::{ChannelAdapter, SendError, SendReceipt, parse_retry_after};
+use super::{ChannelAdapter, SendError, SendReceipt, http};
 use crate::config::WebhookSettings;
 use crate::domain::{Channel, Notification};
 use crate::render::RenderedContent;
@@ -304,7 +304,7 @@ fn payload(
         correlation_id: notification.correlation_id.as_deref(),
         occurred_at: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     };
-    serde_json::to_vec(&p).map_err(|e| permanent("invalid_payload", e.to_string()))
+    serde_json::to_vec(&p).map_err(|e| http::permanent("invalid_payload", e.to_string()))
 }
 
 /// Extra request headers from `meta.headers`: valid HTTP names, no CR/LF or
@@ -314,7 +314,7 @@ fn extra_headers(
 ) -> Result<HeaderMap, SendError> {
     let mut map = HeaderMap::new();
     for (name, value) in headers {
-        let invalid = |m: String| permanent("invalid_header", m);
+        let invalid = |m: String| http::permanent("invalid_header", m);
         if value.chars().any(|c| c.is_control() && c != '\t') {
             return Err(invalid(format!(
                 "header {name} contains CR, LF or another control character"
@@ -351,9 +351,9 @@ impl ChannelAdapter for WebhookAdapter {
             .recipient
             .url
             .as_ref()
-            .ok_or_else(|| permanent("no_address", "recipient has no webhook url".into()))?;
+            .ok_or_else(|| http::permanent("no_address", "recipient has no webhook url"))?;
         let url = Url::parse(url.as_str())
-            .map_err(|e| permanent("invalid_address", format!("invalid url: {e}")))?;
+            .map_err(|e| http::permanent("invalid_address", format!("invalid url: {e}")))?;
         if self.block_private {
             check_literal_host(&url)?;
         }
@@ -363,9 +363,9 @@ impl ChannelAdapter for WebhookAdapter {
         let timestamp = now.timestamp();
         let signature = sign(self.key.expose_secret(), &notification.id, timestamp, &body);
         let id_value = HeaderValue::from_str(&notification.id).map_err(|_| {
-            permanent(
+            http::permanent(
                 "invalid_header",
-                "notification id is not a valid header value".into(),
+                "notification id is not a valid header value",
             )
         })?;
         headers.insert(
@@ -375,7 +375,7 @@ impl ChannelAdapter for WebhookAdapter {
         headers.insert("webhook-id", id_value);
         headers.insert("webhook-timestamp", HeaderValue::from(timestamp));
         let signature = HeaderValue::from_str(&signature)
-            .map_err(|_| permanent("invalid_header", "bad signature header".into()))?;
+            .map_err(|_| http::permanent("invalid_header", "bad signature header"))?;
         headers.insert("webhook-signature", signature);
 
         let response = self
@@ -387,34 +387,14 @@ impl ChannelAdapter for WebhookAdapter {
             .await
             .map_err(|e| classify_request_error(&e))?;
         let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
-        let body = read_limited(response, self.max_response_bytes).await;
+        let retry_after = http::retry_after(response.headers());
+        let body = http::read_limited(response, self.max_response_bytes).await;
         classify_status(status, retry_after, &body)?;
         Ok(SendReceipt {
             provider: self.provider.clone(),
             provider_message_id: Some(notification.id.clone()),
         })
     }
-}
-
-/// Reads at most `limit` bytes of the response body; errors reading it are
-/// ignored (the status already decided the outcome).
-async fn read_limited(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    while out.len() < limit {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
-                let take = chunk.len().min(limit - out.len());
-                out.extend_from_slice(&chunk[..take]);
-            }
-            Ok(None) | Err(_) => break,
-        }
-    }
-    out
 }
 
 /// Maps an HTTP status to the caller's decision (`Ok` for 2xx).
@@ -426,9 +406,9 @@ fn classify_status(
     if status.is_success() {
         return Ok(());
     }
-    let message = describe(status, body);
+    let message = http::describe(status, &String::from_utf8_lossy(body));
     if status.is_redirection() {
-        return Err(permanent(
+        return Err(http::permanent(
             "http_redirect",
             format!("{message} (redirects are not followed)"),
         ));
@@ -446,42 +426,22 @@ fn classify_status(
             retry_after,
         });
     }
-    Err(permanent("http_status", message))
-}
-
-/// `HTTP 503 Service Unavailable: <start of the body>`, printable only.
-fn describe(status: StatusCode, body: &[u8]) -> String {
-    let mut message = format!("HTTP {}", status.as_u16());
-    if let Some(reason) = status.canonical_reason() {
-        message.push(' ');
-        message.push_str(reason);
-    }
-    let snippet: String = String::from_utf8_lossy(body)
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(200)
-        .collect();
-    let snippet = snippet.trim();
-    if !snippet.is_empty() {
-        message.push_str(": ");
-        message.push_str(snippet);
-    }
-    message
+    Err(http::permanent("http_status", message))
 }
 
 /// Maps a transport error: a refused address is permanent, everything else
 /// (timeouts, connection failures) is worth retrying.
 fn classify_request_error(e: &reqwest::Error) -> SendError {
     if let Some(blocked) = find_source::<AddressNotAllowed>(e) {
-        return permanent("address_not_allowed", blocked.to_string());
+        return http::permanent("address_not_allowed", blocked.to_string());
     }
     if e.is_timeout() {
         return retryable("http_timeout", format!("request timed out: {e}"));
     }
     if e.is_connect() {
-        return retryable("http_connect", format!("{e}: {}", root_cause(e)));
+        return retryable("http_connect", format!("{e}: {}", http::root_cause(e)));
     }
-    retryable("http_error", format!("{e}: {}", root_cause(e)))
+    retryable("http_error", format!("{e}: {}", http::root_cause(e)))
 }
 
 fn find_source<'a, T: std::error::Error + 'static>(
@@ -495,21 +455,6 @@ fn find_source<'a, T: std::error::Error + 'static>(
         cur = err.source();
     }
     None
-}
-
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
-}
-
-fn permanent(code: &str, message: String) -> SendError {
-    SendError::Permanent {
-        code: code.to_string(),
-        message,
-    }
 }
 
 fn retryable(code: &str, message: String) -> SendError {
@@ -546,7 +491,7 @@ fn check_literal_host(url: &Url) -> Result<(), SendError> {
             host: host.to_string(),
             ip,
         };
-        return Err(permanent("address_not_allowed", e.to_string()));
+        return Err(http::permanent("address_not_allowed", e.to_string()));
     }
     Ok(())
 }
