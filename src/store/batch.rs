@@ -73,22 +73,26 @@ impl FinishBatcher {
     }
 }
 
+/// Waits for the next job, then takes whatever else is queued (up to
+/// [`MAX_BATCH`]); `None` when every sender is gone. The writers share the
+/// receiver, so one of them gathers while the others write.
+async fn next_batch<J>(rx: &Mutex<mpsc::UnboundedReceiver<J>>) -> Option<Vec<J>> {
+    let mut rx = rx.lock().await;
+    let mut batch = vec![rx.recv().await?];
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(j) => batch.push(j),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
 async fn writer(pool: PgPool, rx: Arc<Mutex<mpsc::UnboundedReceiver<FinishJob>>>) {
     loop {
-        let mut batch = Vec::new();
-        {
-            let mut rx = rx.lock().await;
-            match rx.recv().await {
-                Some(j) => batch.push(j),
-                None => return,
-            }
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(j) => batch.push(j),
-                    Err(_) => break,
-                }
-            }
-        }
+        let Some(batch) = next_batch(&rx).await else {
+            return;
+        };
         let result = write(&pool, &batch).await;
         for job in batch {
             let r = match &result {
@@ -228,20 +232,9 @@ async fn claim_writer(
     send_lease: std::time::Duration,
 ) {
     loop {
-        let mut batch = Vec::new();
-        {
-            let mut rx = rx.lock().await;
-            match rx.recv().await {
-                Some(j) => batch.push(j),
-                None => return,
-            }
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(j) => batch.push(j),
-                    Err(_) => break,
-                }
-            }
-        }
+        let Some(mut batch) = next_batch(&rx).await else {
+            return;
+        };
         // The same id twice in one statement would report both as inserted:
         // later copies go in a statement of their own, after the first.
         while !batch.is_empty() {
