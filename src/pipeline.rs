@@ -484,6 +484,15 @@ impl Pipeline {
             rm.provider_latency
                 .with_label_values(&[name])
                 .observe(elapsed.as_secs_f64());
+            let result_label = match &result {
+                Ok(_) => "ok",
+                Err(e) if e.is_retryable() => "retryable",
+                Err(_) => "permanent",
+            };
+            self.metrics
+                .send_duration
+                .with_label_values(&[channel, result_label])
+                .observe(elapsed.as_secs_f64());
             let e = match result {
                 Ok(receipt) => {
                     if self.router.success(name) {
@@ -519,10 +528,6 @@ impl Pipeline {
                 );
             }
             tracing::info!(notification_id = %n.id, provider = name, code = e.code(), error = %e.message(), "send failed; trying the next provider");
-            self.metrics
-                .send_duration
-                .with_label_values(&[channel, "retryable"])
-                .observe(elapsed.as_secs_f64());
             let r = AttemptResult {
                 status: Status::Failed,
                 provider: name.to_string(),
@@ -683,7 +688,10 @@ impl Pipeline {
             }
         };
         if published {
-            due.set_retries(&n.id, retries).await?;
+            // A rate-limit wait is not a retry round: the count is unchanged.
+            if status != Status::Throttled {
+                due.set_retries(&n.id, retries).await?;
+            }
             self.publish(&event, Some(n)).await?;
         }
         Ok(())
@@ -739,10 +747,6 @@ impl Pipeline {
         let attempt_no = u32::try_from(attempt).unwrap_or(0);
         let (event, attempt_result) = match result {
             Ok(receipt) => {
-                self.metrics
-                    .send_duration
-                    .with_label_values(&[n.channel.as_str(), "ok"])
-                    .observe(elapsed.as_secs_f64());
                 let mut event = DeliveryStatusEvent::for_notification(n, Status::Sent, attempt_no);
                 event.provider = Some(provider.clone());
                 event.provider_message_id = receipt.provider_message_id.clone();
@@ -756,15 +760,6 @@ impl Pipeline {
                 (event, r)
             }
             Err(e) => {
-                let label = if e.is_retryable() {
-                    "retryable"
-                } else {
-                    "permanent"
-                };
-                self.metrics
-                    .send_duration
-                    .with_label_values(&[n.channel.as_str(), label])
-                    .observe(elapsed.as_secs_f64());
                 tracing::info!(notification_id = %n.id, provider = %provider, code = e.code(), error = %e.message(), "send failed");
                 let error = error_info(&e);
                 let mut event =

@@ -31,9 +31,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::crypto::Cipher;
-use super::store::{
-    Loaded, ProviderRow, ProviderStatus, ProviderStore, ProviderStoreError, StoredSpec,
-};
+use super::store::{Loaded, ProviderStore, ProviderStoreError, StoredSpec};
 use super::{Provider, ProviderSpec, Registry};
 use crate::channels::{
     AdapterConfigError, AdapterContext, ChannelAdapter, SendError, SendReceipt, build_provider,
@@ -266,8 +264,9 @@ impl RegistryLoader {
                 },
                 Loaded::Failed { error, row } => Entry {
                     updated_at,
-                    provider: row
-                        .map(|r| placeholder(spec_without_credentials(&r), &error.message)),
+                    provider: row.map(|r| {
+                        placeholder(r.into_spec(SecretString::from("{}")), &error.message)
+                    }),
                     error: Some(error.message),
                 },
             };
@@ -321,25 +320,6 @@ fn signature(m: &HashMap<String, Entry>) -> Vec<(String, Option<DateTime<Utc>>, 
         .collect();
     v.sort();
     v
-}
-
-/// The spec of a row whose credentials are not available.
-fn spec_without_credentials(r: &ProviderRow) -> ProviderSpec {
-    ProviderSpec {
-        name: r.name.clone(),
-        provider_type: r.provider_type,
-        channel: r.channel,
-        config: r.config.clone(),
-        credentials: SecretString::from("{}"),
-        priority: r.priority,
-        is_default: r.is_default,
-        active: r.status == ProviderStatus::Active,
-        retry_strategy: r.retry_strategy,
-        max_retries: r.max_retries,
-        rate_limit_per_second: r.rate_limit_per_second,
-        rate_limit_per_minute: r.rate_limit_per_minute,
-        tenant_id: r.tenant_id.clone(),
-    }
 }
 
 /// An inactive stand-in for a provider that failed to load: never selected,

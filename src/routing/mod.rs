@@ -248,16 +248,18 @@ impl Registry {
                 _ => {}
             }
         }
+        // Per message: compare by reference, no allocation.
         out.sort_by(|a, b| {
             let key = |p: &Provider| {
                 (
                     p.spec.tenant_id.is_none(),
                     p.spec.priority,
                     !p.spec.is_default,
-                    p.spec.name.clone(),
                 )
             };
-            key(a).cmp(&key(b))
+            key(a)
+                .cmp(&key(b))
+                .then_with(|| a.spec.name.cmp(&b.spec.name))
         });
         if !registered && let Some(b) = snap.builtin.get(&channel) {
             out.push(b.clone());

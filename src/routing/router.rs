@@ -32,19 +32,6 @@ impl Router {
         }
     }
 
-    /// A router over the `herald.toml` adapters only.
-    pub fn builtin(adapters: Vec<Arc<dyn ChannelAdapter>>, settings: RoutingSettings) -> Router {
-        let builtin = adapters
-            .into_iter()
-            .map(|a| Arc::new(builtin_provider(a, settings.builtin_max_retries)))
-            .collect();
-        Router::new(
-            Arc::new(Registry::with_builtin(builtin)),
-            settings,
-            Share::default(),
-        )
-    }
-
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
     }

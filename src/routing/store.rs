@@ -72,6 +72,28 @@ pub struct ProviderRow {
     pub updated_at: DateTime<Utc>,
 }
 
+impl ProviderRow {
+    /// The registry's view of this row, with `credentials` (decrypted, or
+    /// `{}` when there are none or they cannot be read).
+    pub fn into_spec(self, credentials: SecretString) -> ProviderSpec {
+        ProviderSpec {
+            name: self.name,
+            provider_type: self.provider_type,
+            channel: self.channel,
+            config: self.config,
+            credentials,
+            priority: self.priority,
+            is_default: self.is_default,
+            active: self.status == ProviderStatus::Active,
+            retry_strategy: self.retry_strategy,
+            max_retries: self.max_retries,
+            rate_limit_per_second: self.rate_limit_per_second,
+            rate_limit_per_minute: self.rate_limit_per_minute,
+            tenant_id: self.tenant_id,
+        }
+    }
+}
+
 fn ser_type<S: serde::Serializer>(t: &ProviderType, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(t.as_str())
 }
@@ -717,21 +739,7 @@ fn read_spec(row: &PgRow, cipher: &Cipher) -> Result<StoredSpec, ProviderStoreEr
     };
     Ok(StoredSpec {
         updated_at: r.updated_at,
-        spec: ProviderSpec {
-            name: r.name,
-            provider_type: r.provider_type,
-            channel: r.channel,
-            config: r.config,
-            credentials,
-            priority: r.priority,
-            is_default: r.is_default,
-            active: r.status == ProviderStatus::Active,
-            retry_strategy: r.retry_strategy,
-            max_retries: r.max_retries,
-            rate_limit_per_second: r.rate_limit_per_second,
-            rate_limit_per_minute: r.rate_limit_per_minute,
-            tenant_id: r.tenant_id,
-        },
+        spec: r.into_spec(credentials),
     })
 }
 
