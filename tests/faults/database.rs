@@ -66,11 +66,6 @@ async fn postgres_restart_mid_load_loses_nothing() {
     )
     .await;
 
-    let events = outcomes.events();
-    let finals = one_final_each(&events, &ids);
-    for (id, e) in &finals {
-        assert_eq!(e["status"], "sent", "{id}: {e}");
-    }
-    let resent = delivered_once_or_resumed(&ids, &sink.counts(), &f.attempts().await);
+    let resent = f.assert_all_sent(&outcomes, &ids, &sink.counts()).await;
     eprintln!("postgres restart: {n} requests, {outages} outage(s), {resent} crash-window resends");
 }

@@ -79,11 +79,6 @@ async fn ten_sigkills_during_one_load_lose_nothing() {
     )
     .await;
 
-    let events = outcomes.events();
-    let finals = one_final_each(&events, &ids);
-    for (id, e) in &finals {
-        assert_eq!(e["status"], "sent", "{id}: {e}");
-    }
-    let resent = delivered_once_or_resumed(&ids, &sink.counts(), &f.attempts().await);
+    let resent = f.assert_all_sent(&outcomes, &ids, &sink.counts()).await;
     eprintln!("sigkill test: {kills} kills, {n} requests, {resent} crash-window resends");
 }

@@ -446,6 +446,22 @@ impl Faults {
     }
 
     /// Notification id → attempts, from the database.
+    /// The common ending of a scenario whose requests must all be sent:
+    /// exactly one final outcome each, all `sent`, and each delivered once
+    /// (more only with a recorded resumed attempt). Returns the resends.
+    pub async fn assert_all_sent(
+        &self,
+        outcomes: &TopicReader,
+        ids: &[String],
+        sink_counts: &HashMap<String, usize>,
+    ) -> usize {
+        let events = outcomes.events();
+        for (id, e) in &one_final_each(&events, ids) {
+            assert_eq!(e["status"], "sent", "{id}: {e}");
+        }
+        delivered_once_or_resumed(ids, sink_counts, &self.attempts().await)
+    }
+
     pub async fn attempts(&self) -> HashMap<String, i32> {
         sqlx::query_as::<_, (String, i32)>("SELECT id, attempts FROM notifications")
             .fetch_all(&self.pool().await)

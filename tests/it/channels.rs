@@ -414,35 +414,6 @@ fn statuses(events: &[Value], id: &str) -> Vec<String> {
         .collect()
 }
 
-/// Waits until every `(id, status)` has an event on the outcome topic.
-async fn wait_for(reader: &mut TopicReader, wanted: &[(&str, &str)]) {
-    let w: Vec<(String, String)> = wanted
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect();
-    let ok = reader
-        .read_until(WAIT, move |records| {
-            w.iter().all(|(id, status)| {
-                records.iter().any(|r| {
-                    let v = r.json();
-                    v["notification_id"] == id.as_str() && v["status"] == status.as_str()
-                })
-            })
-        })
-        .await;
-    let seen: Vec<String> = reader
-        .events()
-        .iter()
-        .map(|v| {
-            format!(
-                "{} {} {}",
-                v["notification_id"], v["status"], v["error"]["code"]
-            )
-        })
-        .collect();
-    assert!(ok, "waited for {wanted:?}; saw {seen:?}");
-}
-
 async fn send(env: &TestEnv, key: &str, request: &Value) {
     produce(
         &producer(),
@@ -540,8 +511,8 @@ async fn every_channel_sends_through_its_registered_provider() {
     )
     .await;
 
-    wait_for(
-        &mut out,
+    out.wait_for(
+        WAIT,
         &[
             (&email, "sent"),
             (&welcome, "sent"),
@@ -727,7 +698,7 @@ async fn sendgrid_bounce_receipt_bounces_and_suppresses_the_address() {
 
     let first = format!("first-{}", suffix());
     send(&env, "acme:u-9", &email(&first)).await;
-    wait_for(&mut out, &[(&first, "sent")]).await;
+    out.wait_for(WAIT, &[(&first, "sent")]).await;
     let sent = event(&out.events(), &first, "sent");
     assert_eq!(sent["provider"], "sg-bounce");
     let mails = sendgrid.calls_to("/v3/mail/send");
@@ -751,7 +722,7 @@ async fn sendgrid_bounce_receipt_bounces_and_suppresses_the_address() {
     let (status, body) = post_sendgrid_events(&app, &sk, &bounce).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["matched"], 1, "{body}");
-    wait_for(&mut out, &[(&first, "bounced")]).await;
+    out.wait_for(WAIT, &[(&first, "bounced")]).await;
     let bounced = event(&out.events(), &first, "bounced");
     assert_eq!(bounced["provider"], "sg-bounce");
     assert_eq!(bounced["provider_message_id"], message_id.as_str());
@@ -769,7 +740,7 @@ async fn sendgrid_bounce_receipt_bounces_and_suppresses_the_address() {
 
     let second = format!("second-{}", suffix());
     send(&env, "acme:u-9", &email(&second)).await;
-    wait_for(&mut out, &[(&second, "suppressed")]).await;
+    out.wait_for(WAIT, &[(&second, "suppressed")]).await;
     let events = out.events();
     assert_eq!(statuses(&events, &second), ["suppressed"]);
     assert_eq!(statuses(&events, &first), ["sent", "bounced"]);
@@ -871,7 +842,7 @@ async fn no_secret_in_logs_or_outputs_and_ciphertext_at_rest() {
                  "content": { "text": "code 1" } }),
     )
     .await;
-    wait_for(&mut out, &[(&ok, "sent"), (&bad, "failed")]).await;
+    out.wait_for(WAIT, &[(&ok, "sent"), (&bad, "failed")]).await;
     let events = out.events();
     assert_eq!(event(&events, &ok, "sent")["provider"], "sg-secret");
     let failed = event(&events, &bad, "failed");
@@ -1035,7 +1006,7 @@ async fn twilio_status_callback_delivers() {
                  "content": { "text": "Your code is 654321" } }),
     )
     .await;
-    wait_for(&mut out, &[(&id, "sent")]).await;
+    out.wait_for(WAIT, &[(&id, "sent")]).await;
     let sent = event(&out.events(), &id, "sent");
     assert_eq!(sent["provider"], "tw-callback");
     let calls = twilio.calls_to(&twilio_messages_path());
@@ -1090,7 +1061,7 @@ async fn twilio_status_callback_delivers() {
     .await;
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["matched"], 1, "{reply}");
-    wait_for(&mut out, &[(&id, "delivered")]).await;
+    out.wait_for(WAIT, &[(&id, "delivered")]).await;
     let events = out.events();
     assert_eq!(statuses(&events, &id), ["sent", "delivered"]);
     let delivered = event(&events, &id, "delivered");

@@ -349,6 +349,38 @@ impl TopicReader {
     }
 }
 
+impl TopicReader {
+    /// Reads until every `(notification id, status)` in `wanted` has an
+    /// event (at most `timeout`); panics with what was seen otherwise.
+    pub async fn wait_for(&mut self, timeout: Duration, wanted: &[(&str, &str)]) {
+        let w: Vec<(String, String)> = wanted
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        let ok = self
+            .read_until(timeout, move |records| {
+                w.iter().all(|(id, status)| {
+                    records.iter().any(|r| {
+                        let v = r.json();
+                        v["notification_id"] == id.as_str() && v["status"] == status.as_str()
+                    })
+                })
+            })
+            .await;
+        let seen: Vec<String> = self
+            .events()
+            .iter()
+            .map(|v| {
+                format!(
+                    "{} {} {}",
+                    v["notification_id"], v["status"], v["error"]["code"]
+                )
+            })
+            .collect();
+        assert!(ok, "waited for {wanted:?}; saw {seen:?}");
+    }
+}
+
 pub fn final_statuses() -> &'static [&'static str] {
     &[
         "sent",

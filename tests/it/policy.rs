@@ -41,34 +41,6 @@ fn time(e: &Value, field: &str) -> DateTime<Utc> {
         .with_timezone(&Utc)
 }
 
-/// Waits until every `(id, status)` has an event.
-async fn wait_for(reader: &mut TopicReader, wanted: &[(&str, &str)]) {
-    let wanted: Vec<(String, String)> = wanted
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect();
-    let w2 = wanted.clone();
-    let ok = reader
-        .read_until(WAIT, move |records| {
-            w2.iter().all(|(id, status)| {
-                records.iter().any(|r| {
-                    let v = r.json();
-                    v["notification_id"] == id.as_str() && v["status"] == status.as_str()
-                })
-            })
-        })
-        .await;
-    let seen: Vec<(String, String)> = reader
-        .records
-        .iter()
-        .map(|r| {
-            let v = r.json();
-            (v["notification_id"].to_string(), v["status"].to_string())
-        })
-        .collect();
-    assert!(ok, "waited for {wanted:?}; saw {seen:?}");
-}
-
 fn prefs(tenant: &str, user: &str) -> PreferenceRecord {
     PreferenceRecord::empty(tenant, user, Channel::Webhook, Utc::now())
 }
@@ -122,7 +94,7 @@ async fn warm_up(env: &TestEnv, sink: &HttpSink, out: &mut TopicReader) {
         &request(&id, "u-warm-up", Some(&sink.url("warm-up"))),
     )
     .await;
-    wait_for(out, &[(&id, "sent")]).await;
+    out.wait_for(WAIT, &[(&id, "sent")]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -188,7 +160,7 @@ async fn preferences_suppress_with_the_right_reason_and_resolve_addresses() {
         (ids[6].as_str(), "failed", "no_address"),
     ];
     let wanted: Vec<(&str, &str)> = expected.iter().map(|(i, s, _)| (*i, *s)).collect();
-    wait_for(&mut out, &wanted).await;
+    out.wait_for(WAIT, &wanted).await;
     let events = out.events();
     for (id, status, reason) in expected {
         let mine = events_of(&events, id);
@@ -251,7 +223,8 @@ async fn quiet_hours_defer_until_the_window_ends_and_urgent_bypasses() {
     u["priority"] = json!("urgent");
     send(&env, "acme:u-night", &u).await;
 
-    wait_for(&mut out, &[(&normal, "deferred"), (&urgent, "sent")]).await;
+    out.wait_for(WAIT, &[(&normal, "deferred"), (&urgent, "sent")])
+        .await;
     let events = out.events();
     assert_eq!(statuses(&events, &urgent), vec!["sent"], "urgent bypasses");
     let deferred = &events_of(&events, &normal)[0];
@@ -268,7 +241,7 @@ async fn quiet_hours_defer_until_the_window_ends_and_urgent_bypasses() {
         "due when the window ends in New York"
     );
 
-    wait_for(&mut out, &[(&normal, "sent")]).await;
+    out.wait_for(WAIT, &[(&normal, "sent")]).await;
     let events = out.events();
     assert_eq!(statuses(&events, &normal), vec!["deferred", "sent"]);
     let sent = &events_of(&events, &normal)[1];
@@ -306,7 +279,8 @@ async fn scheduled_is_sent_after_its_time_and_expiry_while_deferred_sends_nothin
     let mut e = request(&expiring, "u-q", Some(&sink.url("e")));
     e["expires_at"] = json!((Utc::now() + chrono::Duration::minutes(30)).to_rfc3339());
     send(&env, "acme:u-q", &e).await;
-    wait_for(&mut out, &[(&scheduled, "sent"), (&expiring, "deferred")]).await;
+    out.wait_for(WAIT, &[(&scheduled, "sent"), (&expiring, "deferred")])
+        .await;
     // Its expiry passes while it waits (time travel), then it is due.
     sqlx::query(
         "UPDATE notifications SET next_attempt_at = now(),
@@ -317,7 +291,7 @@ async fn scheduled_is_sent_after_its_time_and_expiry_while_deferred_sends_nothin
     .execute(&env.pool().await)
     .await
     .expect("time travel");
-    wait_for(&mut out, &[(&expiring, "expired")]).await;
+    out.wait_for(WAIT, &[(&expiring, "expired")]).await;
     let events = out.events();
     assert_eq!(statuses(&events, &scheduled), vec!["scheduled", "sent"]);
     let first = &events_of(&events, &scheduled)[0];
@@ -382,7 +356,7 @@ async fn frequency_cap_throttles_then_sends_in_the_next_window_or_drops_marketin
         .map(|i| (i.as_str(), "sent"))
         .chain(ids[3..].iter().map(|i| (i.as_str(), "throttled")))
         .collect();
-    wait_for(&mut out, &wanted).await;
+    out.wait_for(WAIT, &wanted).await;
     let events = out.events();
     let first_sent = time(&events_of(&events, &ids[0])[0], "occurred_at");
     for id in &ids[3..] {
@@ -400,7 +374,7 @@ async fn frequency_cap_throttles_then_sends_in_the_next_window_or_drops_marketin
     let mut m = request(&dropped, "u-cap", Some(&sink.url("c")));
     m["category"] = json!("marketing");
     send(&env, "acme:u-cap", &m).await;
-    wait_for(&mut out, &[(&dropped, "suppressed")]).await;
+    out.wait_for(WAIT, &[(&dropped, "suppressed")]).await;
     assert_eq!(
         events_of(&out.events(), &dropped)[0]["reason"],
         "frequency_cap"
@@ -420,7 +394,7 @@ async fn frequency_cap_throttles_then_sends_in_the_next_window_or_drops_marketin
         .await
         .expect("due now");
     let wanted: Vec<(&str, &str)> = ids[3..].iter().map(|i| (i.as_str(), "sent")).collect();
-    wait_for(&mut out, &wanted).await;
+    out.wait_for(WAIT, &wanted).await;
     assert_eq!(sink.received().len(), 5);
     app.stop().await;
 }
@@ -484,7 +458,7 @@ async fn opting_out_on_the_preferences_topic_while_deferred_suppresses_at_fire_t
     )
     .await;
     let mut out = TopicReader::new(&env.outcomes, env.partitions);
-    wait_for(&mut out, &[(&id, "deferred")]).await;
+    out.wait_for(WAIT, &[(&id, "deferred")]).await;
 
     // The user turns the channel off; an older event arriving later loses.
     produce(
@@ -518,7 +492,7 @@ async fn opting_out_on_the_preferences_topic_while_deferred_suppresses_at_fire_t
         .execute(&pool)
         .await
         .expect("due now");
-    wait_for(&mut out, &[(&id, "suppressed")]).await;
+    out.wait_for(WAIT, &[(&id, "suppressed")]).await;
     let events = out.events();
     assert_eq!(statuses(&events, &id), vec!["deferred", "suppressed"]);
     assert_eq!(events_of(&events, &id)[1]["reason"], "channel_disabled");
@@ -557,13 +531,15 @@ async fn cancel_by_request_id_or_correlation_id_sends_nothing() {
     send(&env, "acme:u-c", &ra).await;
     send(&env, "acme:u-c", &rb).await;
     let mut out = TopicReader::new(&env.outcomes, env.partitions);
-    wait_for(&mut out, &[(&a, "scheduled"), (&b, "scheduled")]).await;
+    out.wait_for(WAIT, &[(&a, "scheduled"), (&b, "scheduled")])
+        .await;
 
     let cancel_a = json!({ "id": format!("c1-{s}"), "kind": "cancel", "cancels": a });
     let cancel_b = json!({ "id": format!("c2-{s}"), "kind": "cancel", "tenant_id": "acme", "correlation_id": format!("order-{s}") });
     send(&env, "acme:u-c", &cancel_a).await;
     send(&env, "acme:u-c", &cancel_b).await;
-    wait_for(&mut out, &[(&a, "cancelled"), (&b, "cancelled")]).await;
+    out.wait_for(WAIT, &[(&a, "cancelled"), (&b, "cancelled")])
+        .await;
     let events = out.events();
     assert_eq!(statuses(&events, &a), vec!["scheduled", "cancelled"]);
     assert_eq!(statuses(&events, &b), vec!["scheduled", "cancelled"]);

@@ -233,17 +233,11 @@ fn limited_webhook(name: &str, per_second: u32) -> NewProvider {
 
 const LIMITED: usize = 200;
 
-/// 200 requests to a provider limited to 20/s, one instance: the sink sees
-/// at most 20/s (+10%), and every request is sent exactly once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_rate_limited_provider_is_held_to_its_limit_by_one_instance() {
-    let env = TestEnv::new(4).await;
-    let sink = HttpSink::start().await;
-    register_provider(&env, limited_webhook("hook-20", 20)).await;
-    let app = RunningApp::start(env.settings(&[])).await;
+/// Produces [`LIMITED`] webhook requests to `sink`, one key each.
+async fn produce_limited(env: &TestEnv, sink: &HttpSink, prefix: &str) -> Vec<String> {
     let p = producer();
     let ids: Vec<String> = (0..LIMITED)
-        .map(|i| format!("rl1-{i}-{}", suffix()))
+        .map(|i| format!("{prefix}-{i}-{}", suffix()))
         .collect();
     for (i, id) in ids.iter().enumerate() {
         produce(
@@ -254,6 +248,18 @@ async fn a_rate_limited_provider_is_held_to_its_limit_by_one_instance() {
         )
         .await;
     }
+    ids
+}
+
+/// 200 requests to a provider limited to 20/s, one instance: the sink sees
+/// at most 20/s (+10%), and every request is sent exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limited_provider_is_held_to_its_limit_by_one_instance() {
+    let env = TestEnv::new(4).await;
+    let sink = HttpSink::start().await;
+    register_provider(&env, limited_webhook("hook-20", 20)).await;
+    let app = RunningApp::start(env.settings(&[])).await;
+    let ids = produce_limited(&env, &sink, "rl1").await;
     let mut outcomes = TopicReader::new(&env.outcomes, env.partitions);
     assert!(
         outcomes
@@ -321,19 +327,7 @@ async fn two_instances_together_stay_within_a_provider_rate_limit() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let p = producer();
-    let ids: Vec<String> = (0..LIMITED)
-        .map(|i| format!("rl2-{i}-{}", suffix()))
-        .collect();
-    for (i, id) in ids.iter().enumerate() {
-        produce(
-            &p,
-            &env.requests,
-            &format!("user-{i}"),
-            &webhook_request(id, &sink.url("/rl")),
-        )
-        .await;
-    }
+    let ids = produce_limited(&env, &sink, "rl2").await;
     let mut outcomes = TopicReader::new(&env.outcomes, env.partitions);
     let done = outcomes
         .read_until(Duration::from_secs(120), |r| {
@@ -344,6 +338,10 @@ async fn two_instances_together_stay_within_a_provider_rate_limit() {
         h.terminate();
     }
     assert!(done, "every request finished");
+    let finals = finals_by_notification(&outcomes.events());
+    for id in &ids {
+        assert_eq!(finals.get(id).map(|s| s.len()), Some(1), "{id}");
+    }
     let counts = sink.counts_by_id();
     assert_eq!(counts.len(), LIMITED, "every notification reached the sink");
     assert!(counts.values().all(|c| *c == 1), "exactly once each");

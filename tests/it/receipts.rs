@@ -45,30 +45,6 @@ fn event(events: &[Value], id: &str, status: &str) -> Value {
         .unwrap_or_else(|| panic!("no {status} event for {id}"))
 }
 
-/// Waits until every `(id, status)` has an event.
-async fn wait_for(reader: &mut TopicReader, wanted: &[(&str, &str)]) {
-    let w: Vec<(String, String)> = wanted
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect();
-    let ok = reader
-        .read_until(WAIT, move |records| {
-            w.iter().all(|(id, status)| {
-                records.iter().any(|r| {
-                    let v = r.json();
-                    v["notification_id"] == id.as_str() && v["status"] == status.as_str()
-                })
-            })
-        })
-        .await;
-    let seen: Vec<String> = reader
-        .events()
-        .iter()
-        .map(|v| format!("{} {}", v["notification_id"], v["status"]))
-        .collect();
-    assert!(ok, "waited for {wanted:?}; saw {seen:?}");
-}
-
 async fn db_status(pool: &PgPool, id: &str) -> (String, Option<String>) {
     sqlx::query_as("SELECT status, error_code FROM notifications WHERE id = $1")
         .bind(id)
@@ -186,7 +162,7 @@ async fn generic_delivered_receipt_publishes_one_delivered_outcome() {
         request.to_string().as_bytes(),
     )
     .await;
-    wait_for(&mut out, &[(&id, "sent")]).await;
+    out.wait_for(WAIT, &[(&id, "sent")]).await;
     let sent = event(&out.events(), &id, "sent");
     let message_id = sent["provider_message_id"]
         .as_str()
@@ -225,7 +201,7 @@ async fn generic_delivered_receipt_publishes_one_delivered_outcome() {
     let r = post_generic(&app, RECEIPT_SECRET, "r-1", &receipt, 0).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.body["matched"], 1, "{:?}", r.body);
-    wait_for(&mut out, &[(&id, "delivered")]).await;
+    out.wait_for(WAIT, &[(&id, "delivered")]).await;
     let delivered = event(&out.events(), &id, "delivered");
     assert_eq!(delivered["request_id"], id.as_str());
     assert_eq!(delivered["tenant_id"], "acme");
@@ -285,7 +261,7 @@ async fn generic_delivered_receipt_publishes_one_delivered_outcome() {
     let m = json!({ "id": marker, "channel": "webhook", "recipient": { "url": sink.url("/hook") },
                     "content": { "text": "m" } });
     produce(&producer(), &env.requests, "m", m.to_string().as_bytes()).await;
-    wait_for(&mut out, &[(&marker, "sent")]).await;
+    out.wait_for(WAIT, &[(&marker, "sent")]).await;
     assert_eq!(statuses(&out.events(), &id), ["sent", "delivered"]);
 
     let text = metrics(&app).await;
@@ -338,7 +314,7 @@ async fn hard_bounce_receipt_suppresses_the_address_for_the_next_request() {
         email(&first).as_bytes(),
     )
     .await;
-    wait_for(&mut out, &[(&first, "sent")]).await;
+    out.wait_for(WAIT, &[(&first, "sent")]).await;
     let message_id = event(&out.events(), &first, "sent")["provider_message_id"]
         .as_str()
         .expect("smtp provider message id")
@@ -352,7 +328,7 @@ async fn hard_bounce_receipt_suppresses_the_address_for_the_next_request() {
     let r = post_generic(&app, RECEIPT_SECRET, "bounce-1", &bounce, 0).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.body["matched"], 1);
-    wait_for(&mut out, &[(&first, "bounced")]).await;
+    out.wait_for(WAIT, &[(&first, "bounced")]).await;
     let bounced = event(&out.events(), &first, "bounced");
     assert_eq!(bounced["error"]["code"], "hard_bounce");
     assert_eq!(bounced["error"]["message"], "550 5.1.1 User unknown");
@@ -382,7 +358,7 @@ async fn hard_bounce_receipt_suppresses_the_address_for_the_next_request() {
         email(&second).as_bytes(),
     )
     .await;
-    wait_for(&mut out, &[(&second, "suppressed")]).await;
+    out.wait_for(WAIT, &[(&second, "suppressed")]).await;
     let suppressed = event(&out.events(), &second, "suppressed");
     assert_eq!(suppressed["reason"], "suppressed_address");
     assert_eq!(sink.count(), 1, "nothing sent to a suppressed address");
@@ -525,7 +501,8 @@ async fn sendgrid_events_are_verified_matched_and_applied() {
         json!({ "received": 8, "matched": 2, "suppressed": 1, "duplicate": 0,
                 "ignored": 3, "unmatched": 2, "pending": 0 })
     );
-    wait_for(&mut out, &[(&a, "delivered"), (&b, "bounced")]).await;
+    out.wait_for(WAIT, &[(&a, "delivered"), (&b, "bounced")])
+        .await;
     let events = out.events();
     let da = event(&events, &a, "delivered");
     assert_eq!(da["provider"], "sendgrid-primary");
@@ -562,7 +539,7 @@ async fn sendgrid_events_are_verified_matched_and_applied() {
     // Last: c delivered, so every earlier event is already in the log.
     let r = post_sendgrid(&app, &sk, &delivered_c, 0).await;
     assert_eq!(r.body["matched"], 1, "{:?}", r.body);
-    wait_for(&mut out, &[(&c, "delivered")]).await;
+    out.wait_for(WAIT, &[(&c, "delivered")]).await;
     let events = out.events();
     assert_eq!(statuses(&events, &a), ["delivered"]);
     assert_eq!(statuses(&events, &b), ["bounced"]);
@@ -693,7 +670,8 @@ async fn twilio_status_callbacks_are_verified_and_applied() {
     let r = post_twilio(&app, token, url, &undelivered).await;
     assert_eq!((r.status, r.body["duplicate"].clone()), (200, json!(1)));
 
-    wait_for(&mut out, &[(&d, "delivered"), (&f, "bounced")]).await;
+    out.wait_for(WAIT, &[(&d, "delivered"), (&f, "bounced")])
+        .await;
     let events = out.events();
     assert_eq!(statuses(&events, &d), ["delivered"]);
     assert_eq!(statuses(&events, &f), ["bounced"]);
