@@ -248,6 +248,10 @@ tansu_start() {
 		sleep 0.25
 	done
 	wait_for_port "$HERALD_BROKER_PORT" 1 tansu
+	# tansu 0.6 scans its whole header table for every fetched record; the
+	# missing index makes the broker slow down as outcomes accumulate.
+	python3 "$HERALD_REPO/scripts/tansu-index.py" "$HERALD_HOME/tansu/tansu.db" ||
+		warn "tansu: header index not added; fetches will slow down as the broker fills"
 	log "tansu: ready"
 }
 

@@ -183,6 +183,14 @@ impl Tansu {
             .expect("start tansu (cargo install tansu; see ARCHITECTURE.md)");
         self.child = Some(child);
         wait_port(self.port);
+        // Same broker as scripts/services.sh runs: with the header index
+        // tansu 0.6 lacks (scripts/tansu-index.py explains why).
+        let indexed = Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/tansu-index.py"))
+            .arg(self.dir.path().join("tansu.db"))
+            .status()
+            .expect("run scripts/tansu-index.py");
+        assert!(indexed.success(), "tansu header index not added");
     }
 
     pub fn brokers(&self) -> String {
