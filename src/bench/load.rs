@@ -86,6 +86,20 @@ pub async fn create_database(admin_url: &str, id: &str) -> anyhow::Result<String
     Ok(format!("{base}/{name}"))
 }
 
+/// Drops the run's database (`bench_{id}`) so repeated runs do not pile up
+/// databases on the shared PostgreSQL.
+pub async fn drop_database(admin_url: &str, id: &str) -> anyhow::Result<()> {
+    let mut conn = sqlx::PgConnection::connect(admin_url)
+        .await
+        .context("connecting to the admin database")?;
+    sqlx::query(&format!(
+        "DROP DATABASE IF EXISTS \"bench_{id}\" WITH (FORCE)"
+    ))
+    .execute(&mut conn)
+    .await?;
+    Ok(())
+}
+
 /// Latency samples in milliseconds.
 #[derive(Debug, Clone, Default)]
 pub struct Latencies(Vec<f64>);

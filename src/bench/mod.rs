@@ -126,7 +126,7 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
     );
     let run = HeraldRun::start(&bin, settings, &args, &nginx, &smtp).await?;
     let result = run.load(args.requests, None, &nginx, &smtp).await?;
-    let stats = run.stop()?;
+    let stats = run.stop().await?;
     report.herald = Some(result.rate());
     report.result("herald (max rate)", &result);
     report.drained(
@@ -143,7 +143,7 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
         eprintln!("== fixed rate {rate}/s ({n} requests): herald, then pass-through");
         let run = HeraldRun::start(&bin, settings, &args, &nginx, &smtp).await?;
         let fixed = run.load(n, Some(rate), &nginx, &smtp).await?;
-        let _ = run.stop()?;
+        let _ = run.stop().await?;
         report.result(&format!("herald at {rate}/s"), &fixed);
         if !args.skip_baselines {
             let pt = load::passthrough(&brokers, args.partitions, n, Some(rate)).await?;
@@ -160,7 +160,7 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
         let pid = run.child.id();
         let sampler = std::thread::spawn(move || sample_rss(pid));
         let soak = run.load(n, Some(args.soak_rate), &nginx, &smtp).await?;
-        let stats = run.stop()?;
+        let stats = run.stop().await?;
         let samples = sampler.join().unwrap_or_default();
         report.result("soak", &soak);
         report.process("soak process", &stats, soak.notifications);
@@ -227,6 +227,7 @@ struct HeraldRun {
     batch: usize,
     brokers: String,
     cpu_at_start: f64,
+    admin_database_url: String,
 }
 
 impl HeraldRun {
@@ -315,6 +316,7 @@ impl HeraldRun {
             batch: args.batch,
             brokers,
             cpu_at_start,
+            admin_database_url: args.admin_database_url.clone(),
         })
     }
 
@@ -371,7 +373,7 @@ impl HeraldRun {
         Ok(r)
     }
 
-    fn stop(mut self) -> anyhow::Result<ProcessStats> {
+    async fn stop(mut self) -> anyhow::Result<ProcessStats> {
         let pid = self.child.id();
         let cpu = proc_cpu_seconds(pid).unwrap_or(0.0) - self.cpu_at_start;
         let peak = proc_status_kib(pid, "VmHWM:").unwrap_or(0);
@@ -380,6 +382,9 @@ impl HeraldRun {
             .arg(pid.to_string())
             .status();
         let _ = self.child.wait();
+        if let Err(e) = load::drop_database(&self.admin_database_url, &self.topics.id).await {
+            eprintln!("  (could not drop the run's database: {e:#})");
+        }
         Ok(ProcessStats {
             cpu_seconds: cpu,
             peak_rss_kib: peak,

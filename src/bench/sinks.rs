@@ -89,7 +89,20 @@ fn nginx_bin() -> PathBuf {
 }
 
 impl Drop for NginxSink {
+    /// SIGTERM, not SIGKILL: the master then stops its worker too (a killed
+    /// master leaves the worker orphaned).
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
