@@ -186,7 +186,10 @@ impl Tansu {
         // Same broker as scripts/services.sh runs: with the header index
         // tansu 0.6 lacks (scripts/tansu-index.py explains why).
         let indexed = Command::new("python3")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/tansu-index.py"))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/tansu-index.py"
+            ))
             .arg(self.dir.path().join("tansu.db"))
             .status()
             .expect("run scripts/tansu-index.py");
