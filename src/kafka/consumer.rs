@@ -453,6 +453,10 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Counts an infrastructure retry at `stage` (bounded label).
     fn retried(&self, stage: &'static str);
+
+    /// Records how long a message spent in `stage` (`queued`, `process`,
+    /// `ack`; see `herald_request_stage_seconds`).
+    fn timed(&self, _stage: &'static str, _took: Duration) {}
 }
 
 impl Handler for Pipeline {
@@ -468,6 +472,13 @@ impl Handler for Pipeline {
             .infra_retries
             .with_label_values(&[stage])
             .inc();
+    }
+
+    fn timed(&self, stage: &'static str, took: Duration) {
+        self.metrics()
+            .request_stage
+            .with_label_values(&[stage])
+            .observe(took.as_secs_f64());
     }
 }
 
@@ -508,14 +519,23 @@ async fn run_lane(
             }
             g.running += 1;
         }
+        if let Some(queued) = age(&job.message) {
+            handler.timed("queued", queued);
+        }
+        let started = Instant::now();
         let acks = AckCollector::new();
         let done = process(handler.as_ref(), &job.message, &acks, &state, &shutdown).await;
+        let enqueued = Instant::now();
+        if done {
+            handler.timed("process", enqueued - started);
+        }
         if done && acks.pending() > 0 {
             // The permit travels with the job: the message stays in flight
             // (and counts for the drain) until its acknowledgements arrive.
             tokio::spawn(await_acks(
                 job,
                 acks,
+                enqueued,
                 state.clone(),
                 sink.clone(),
                 handler.clone(),
@@ -561,6 +581,7 @@ async fn process(
 async fn await_acks(
     job: Job,
     acks: AckCollector,
+    enqueued: Instant,
     state: Arc<PartitionState>,
     sink: Arc<dyn OffsetSink>,
     handler: Arc<dyn Handler>,
@@ -583,8 +604,25 @@ async fn await_acks(
             }
         }
     };
+    if done {
+        handler.timed("ack", enqueued.elapsed());
+    }
     settle(&state, m, done, sink.as_ref());
     drop(job);
+}
+
+/// How long ago the record was stamped (producer create time or broker
+/// append time); `None` without a timestamp or when the clock is behind it.
+fn age(m: &SourceMessage) -> Option<Duration> {
+    let stamped = u64::try_from(m.timestamp_ms?).ok()?;
+    let now = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_millis(),
+    )
+    .ok()?;
+    now.checked_sub(stamped).map(Duration::from_millis)
 }
 
 /// Ends a running message: when `done`, marks its offset complete and stores

@@ -16,6 +16,11 @@ pub struct Metrics {
     pub outcomes: IntCounterVec,
     /// Provider call duration, by channel and result (`ok`, `retryable`, `permanent`).
     pub send_duration: HistogramVec,
+    /// Where a request's time goes, by stage: `queued` (record timestamp →
+    /// a lane starts it: broker, fetch and lane queue), `process` (lane
+    /// start → request durable and its events enqueued), `ack` (enqueued →
+    /// the broker acknowledged its events).
+    pub request_stage: HistogramVec,
     /// Records written to the dead-letter topic, by error code.
     pub dead_letters: IntCounterVec,
     /// Messages received from Kafka and not yet settled.
@@ -113,6 +118,22 @@ impl Metrics {
         registry
             .register(Box::new(send_duration.clone()))
             .expect("metric registered once");
+        let request_stage = HistogramVec::new(
+            HistogramOpts::new(
+                "herald_request_stage_seconds",
+                "Time a request spends per stage: queued (record timestamp to lane start), \
+                 process (lane start to durable and events enqueued), ack (events enqueued to \
+                 acknowledged by the broker).",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["stage"],
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(request_stage.clone()))
+            .expect("metric registered once");
         let in_flight = IntGauge::new(
             "herald_in_flight_messages",
             "Messages received from Kafka and not yet settled.",
@@ -140,6 +161,7 @@ impl Metrics {
             requests_consumed,
             outcomes,
             send_duration,
+            request_stage,
             dead_letters,
             in_flight,
             duplicates,

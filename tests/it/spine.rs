@@ -132,6 +132,14 @@ async fn email_request_is_delivered_over_smtp_and_reported_sent() {
         metrics.contains("herald_send_duration_seconds_bucket"),
         "{metrics}"
     );
+    for stage in ["queued", "process"] {
+        assert!(
+            metrics.contains(&format!(
+                "herald_request_stage_seconds_count{{stage=\"{stage}\"}} 1"
+            )),
+            "{metrics}"
+        );
+    }
     let health = reqwest::get(format!("http://{}/healthz", app.http))
         .await
         .expect("healthz");
