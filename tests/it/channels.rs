@@ -23,10 +23,6 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use hmac::{Hmac, Mac};
-use p256::ecdsa::signature::Signer;
-use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
-use p256::pkcs8::EncodePublicKey;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 
@@ -398,22 +394,6 @@ fn fcm_provider(name: &str, server: &StandIn) -> NewProvider {
 
 // ---------------------------------------------------------------- topic helpers
 
-fn event(events: &[Value], id: &str, status: &str) -> Value {
-    events
-        .iter()
-        .find(|e| e["notification_id"] == id && e["status"] == status)
-        .cloned()
-        .unwrap_or_else(|| panic!("no {status} event for {id}"))
-}
-
-fn statuses(events: &[Value], id: &str) -> Vec<String> {
-    events
-        .iter()
-        .filter(|e| e["notification_id"] == id)
-        .map(|e| e["status"].as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
 async fn send(env: &TestEnv, key: &str, request: &Value) {
     produce(
         &producer(),
@@ -422,21 +402,6 @@ async fn send(env: &TestEnv, key: &str, request: &Value) {
         request.to_string().as_bytes(),
     )
     .await;
-}
-
-/// POSTs `body` to `url`; returns the status and the body as JSON (or text).
-async fn post(url: &str, headers: &[(&str, String)], body: Vec<u8>) -> (u16, Value) {
-    let mut req = reqwest::Client::new().post(url).body(body);
-    for (k, v) in headers {
-        req = req.header(*k, v);
-    }
-    let resp = req.send().await.expect("POST");
-    let status = resp.status().as_u16();
-    let text = resp.text().await.expect("body");
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
 }
 
 // ---------------------------------------------------------------- 1. every channel
@@ -638,41 +603,6 @@ async fn every_channel_sends_through_its_registered_provider() {
 
 // ---------------------------------------------------------------- 2. SendGrid bounce
 
-fn sendgrid_keys() -> (SigningKey, String) {
-    let sk = loop {
-        if let Ok(k) = SigningKey::from_slice(&rand::random::<[u8; 32]>()) {
-            break k;
-        }
-    };
-    let der = VerifyingKey::from(&sk)
-        .to_public_key_der()
-        .expect("encode public key");
-    (sk, BASE64.encode(der.as_bytes()))
-}
-
-/// POSTs an Event Webhook batch signed as SendGrid signs it: ECDSA P-256
-/// over timestamp + body, DER signature in base64.
-async fn post_sendgrid_events(app: &RunningApp, sk: &SigningKey, events: &Value) -> (u16, Value) {
-    let body = events.to_string().into_bytes();
-    let ts = chrono::Utc::now().timestamp().to_string();
-    let mut signed = ts.as_bytes().to_vec();
-    signed.extend_from_slice(&body);
-    let sig: Signature = sk.sign(&signed);
-    post(
-        &format!("http://{}/webhooks/sendgrid", app.http),
-        &[
-            ("content-type", "application/json".into()),
-            (
-                "X-Twilio-Email-Event-Webhook-Signature",
-                BASE64.encode(sig.to_der().as_bytes()),
-            ),
-            ("X-Twilio-Email-Event-Webhook-Timestamp", ts),
-        ],
-        body,
-    )
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sendgrid_bounce_receipt_bounces_and_suppresses_the_address() {
     let env = TestEnv::new(1).await;
@@ -719,7 +649,8 @@ async fn sendgrid_bounce_receipt_bounces_and_suppresses_the_address() {
         "tls": 1,
         "category": ["orders"]
     }]);
-    let (status, body) = post_sendgrid_events(&app, &sk, &bounce).await;
+    let r = post_sendgrid(&app, &sk, &bounce, 0).await;
+    let (status, body) = (r.status, r.body);
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["matched"], 1, "{body}");
     out.wait_for(WAIT, &[(&first, "bounced")]).await;
@@ -964,22 +895,6 @@ async fn no_secret_in_logs_or_outputs_and_ciphertext_at_rest() {
 
 // ---------------------------------------------------------------- 4. Twilio status callback
 
-/// Twilio's `X-Twilio-Signature`, computed here independently of Herald:
-/// base64 HMAC-SHA1 (auth token) of the URL followed by each POST
-/// parameter's name and value, sorted by name.
-fn twilio_sign(token: &str, url: &str, params: &[(&str, &str)]) -> String {
-    let mut sorted = params.to_vec();
-    sorted.sort();
-    let mut data = url.to_string();
-    for (k, v) in sorted {
-        data.push_str(k);
-        data.push_str(v);
-    }
-    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(token.as_bytes()).expect("hmac key");
-    mac.update(data.as_bytes());
-    BASE64.encode(mac.finalize().into_bytes())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twilio_status_callback_delivers() {
     let env = TestEnv::new(1).await;
@@ -1030,36 +945,12 @@ async fn twilio_status_callback_delivers() {
         ("SmsStatus", "delivered"),
         ("To", "+14155550123"),
     ];
-    let body = form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(params)
-        .finish();
     // Signed with another token first: refused, nothing happens.
-    let (status, reply) = post(
-        &callback,
-        &[
-            ("content-type", "application/x-www-form-urlencoded".into()),
-            (
-                "X-Twilio-Signature",
-                twilio_sign("not-the-token", &callback, &params),
-            ),
-        ],
-        body.clone().into_bytes(),
-    )
-    .await;
-    assert_eq!(status, 401, "{reply}");
-    let (status, reply) = post(
-        &callback,
-        &[
-            ("content-type", "application/x-www-form-urlencoded".into()),
-            (
-                "X-Twilio-Signature",
-                twilio_sign(&tw_token, &callback, &params),
-            ),
-        ],
-        body.into_bytes(),
-    )
-    .await;
-    assert_eq!(status, 200, "{reply}");
+    let r = post_twilio(&callback, "not-the-token", &callback, &params).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    let r = post_twilio(&callback, &tw_token, &callback, &params).await;
+    let reply = r.body;
+    assert_eq!(r.status, 200, "{reply}");
     assert_eq!(reply["matched"], 1, "{reply}");
     out.wait_for(WAIT, &[(&id, "delivered")]).await;
     let events = out.events();

@@ -621,3 +621,149 @@ impl TopicReader {
         }
     }
 }
+
+// ---------------------------------------------------------------- outcome events
+
+/// The outcome event of `id` with `status` (panics when there is none).
+pub fn event(events: &[serde_json::Value], id: &str, status: &str) -> serde_json::Value {
+    events
+        .iter()
+        .find(|e| e["notification_id"] == id && e["status"] == status)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {status} event for {id}"))
+}
+
+/// The statuses of `id`'s outcome events, in topic order.
+pub fn statuses(events: &[serde_json::Value], id: &str) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["notification_id"] == id)
+        .map(|e| e["status"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+// ---------------------------------------------------------------- receipts, as providers send them
+
+/// What Herald answered to a POST.
+pub struct PostReply {
+    pub status: u16,
+    pub content_type: String,
+    pub retry_after: Option<String>,
+    /// The body as JSON, or as a JSON string when it is not JSON.
+    pub body: serde_json::Value,
+}
+
+/// POSTs `body` to `url` with `headers`.
+pub async fn post(url: &str, headers: &[(&str, String)], body: Vec<u8>) -> PostReply {
+    let mut req = reqwest::Client::new().post(url).body(body);
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let resp = req.send().await.expect("POST");
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let status = resp.status().as_u16();
+    let content_type = header("content-type").unwrap_or_default();
+    let retry_after = header("retry-after");
+    let text = resp.text().await.expect("body");
+    PostReply {
+        status,
+        content_type,
+        retry_after,
+        body: serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    }
+}
+
+/// A fresh SendGrid Event Webhook key pair: the signing key and the base64
+/// DER public key Herald is configured with.
+pub fn sendgrid_keys() -> (p256::ecdsa::SigningKey, String) {
+    use base64::Engine as _;
+    use p256::pkcs8::EncodePublicKey;
+    let sk = loop {
+        if let Ok(k) = p256::ecdsa::SigningKey::from_slice(&rand::random::<[u8; 32]>()) {
+            break k;
+        }
+    };
+    let der = p256::ecdsa::VerifyingKey::from(&sk)
+        .to_public_key_der()
+        .expect("encode public key");
+    (
+        sk,
+        base64::engine::general_purpose::STANDARD.encode(der.as_bytes()),
+    )
+}
+
+/// POSTs an Event Webhook batch to `app` signed as SendGrid signs it
+/// (ECDSA P-256 over timestamp + body, DER signature in base64), stamped
+/// `age` seconds in the past.
+pub async fn post_sendgrid(
+    app: &RunningApp,
+    sk: &p256::ecdsa::SigningKey,
+    events: &serde_json::Value,
+    age: i64,
+) -> PostReply {
+    use base64::Engine as _;
+    use p256::ecdsa::signature::Signer;
+    let body = events.to_string().into_bytes();
+    let ts = (chrono::Utc::now().timestamp() - age).to_string();
+    let mut signed = ts.as_bytes().to_vec();
+    signed.extend_from_slice(&body);
+    let sig: p256::ecdsa::Signature = sk.sign(&signed);
+    post(
+        &format!("http://{}/webhooks/sendgrid", app.http),
+        &[
+            ("content-type", "application/json".into()),
+            (
+                "X-Twilio-Email-Event-Webhook-Signature",
+                base64::engine::general_purpose::STANDARD.encode(sig.to_der().as_bytes()),
+            ),
+            ("X-Twilio-Email-Event-Webhook-Timestamp", ts),
+        ],
+        body,
+    )
+    .await
+}
+
+/// Twilio's `X-Twilio-Signature`, computed here independently of Herald:
+/// base64 HMAC-SHA1 (auth token) of the URL followed by each POST
+/// parameter's name and value, sorted by name.
+pub fn twilio_sign(token: &str, url: &str, params: &[(&str, &str)]) -> String {
+    use base64::Engine as _;
+    use hmac::{Hmac, Mac};
+    let mut sorted = params.to_vec();
+    sorted.sort();
+    let mut data = url.to_string();
+    for (k, v) in sorted {
+        data.push_str(k);
+        data.push_str(v);
+    }
+    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(token.as_bytes()).expect("hmac key");
+    mac.update(data.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// POSTs a Twilio status callback with `params`, signed with `token` for
+/// `signed_url` (the URL Twilio was told), to `url`.
+pub async fn post_twilio(
+    url: &str,
+    token: &str,
+    signed_url: &str,
+    params: &[(&str, &str)],
+) -> PostReply {
+    let body = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params)
+        .finish();
+    post(
+        url,
+        &[
+            ("content-type", "application/x-www-form-urlencoded".into()),
+            ("X-Twilio-Signature", twilio_sign(token, signed_url, params)),
+        ],
+        body.into_bytes(),
+    )
+    .await
+}

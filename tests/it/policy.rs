@@ -28,13 +28,6 @@ fn events_of(events: &[Value], id: &str) -> Vec<Value> {
         .collect()
 }
 
-fn statuses(events: &[Value], id: &str) -> Vec<String> {
-    events_of(events, id)
-        .iter()
-        .map(|e| e["status"].as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
 fn time(e: &Value, field: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(e[field].as_str().expect(field))
         .expect("rfc3339")
