@@ -289,9 +289,11 @@ struct Valid {
     tenant_id: Option<String>,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn validate(
+/// Every field of a provider as given (a new one, or a stored one with a
+/// patch applied), before [`validate`] decides it.
+struct Draft {
     provider_type: ProviderType,
+    /// `None`: the type's channel.
     channel: Option<Channel>,
     config: serde_json::Value,
     priority: i32,
@@ -302,7 +304,42 @@ fn validate(
     rate_limit_per_second: Option<u32>,
     rate_limit_per_minute: Option<u32>,
     tenant_id: Option<String>,
-) -> Result<Valid, ProviderStoreError> {
+}
+
+impl NewProvider {
+    /// The name, the credentials, and the rest as a [`Draft`].
+    fn into_draft(self) -> (String, Option<SecretString>, Draft) {
+        let draft = Draft {
+            provider_type: self.provider_type,
+            channel: self.channel,
+            config: self.config,
+            priority: self.priority,
+            is_default: self.is_default,
+            status: self.status,
+            retry_strategy: self.retry_strategy,
+            max_retries: self.max_retries,
+            rate_limit_per_second: self.rate_limit_per_second,
+            rate_limit_per_minute: self.rate_limit_per_minute,
+            tenant_id: self.tenant_id,
+        };
+        (self.name, self.credentials, draft)
+    }
+}
+
+fn validate(d: Draft) -> Result<Valid, ProviderStoreError> {
+    let Draft {
+        provider_type,
+        channel,
+        config,
+        priority,
+        is_default,
+        status,
+        retry_strategy,
+        max_retries,
+        rate_limit_per_second,
+        rate_limit_per_minute,
+        tenant_id,
+    } = d;
     let want = provider_type.channel();
     let channel = channel.unwrap_or(want);
     if channel != want {
@@ -401,23 +438,12 @@ impl ProviderStore {
         cipher: &Cipher,
     ) -> Result<ProviderRow, ProviderStoreError> {
         validate_name(&p.name)?;
-        let v = validate(
-            p.provider_type,
-            p.channel,
-            p.config,
-            p.priority,
-            p.is_default,
-            p.status,
-            p.retry_strategy,
-            p.max_retries,
-            p.rate_limit_per_second,
-            p.rate_limit_per_minute,
-            p.tenant_id,
-        )?;
-        let sealed = match &p.credentials {
+        let (name, credentials, draft) = p.into_draft();
+        let v = validate(draft)?;
+        let sealed = match &credentials {
             Some(c) => {
                 validate_credentials(c)?;
-                Some(cipher.seal_text(&p.name, c)?)
+                Some(cipher.seal_text(&name, c)?)
             }
             None => None,
         };
@@ -428,7 +454,7 @@ impl ProviderStore {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
              RETURNING {ROW_COLUMNS}"
         ))
-        .bind(&p.name)
+        .bind(&name)
         .bind(v.provider_type.as_str())
         .bind(v.channel.as_str())
         .bind(&v.config)
@@ -444,7 +470,7 @@ impl ProviderStore {
         .bind(&v.tenant_id)
         .fetch_one(&self.pool)
         .await
-        .map_err(|e| unique_violation(e, &p.name))?;
+        .map_err(|e| unique_violation(e, &name))?;
         read_row(&row)
     }
 
@@ -477,23 +503,23 @@ impl ProviderStore {
             (None, Some(_)) => None,
             (None, None) => Some(cur.channel),
         };
-        let v = validate(
+        let v = validate(Draft {
             provider_type,
             channel,
-            patch.config.unwrap_or(cur.config),
-            patch.priority.unwrap_or(cur.priority),
-            patch.is_default.unwrap_or(cur.is_default),
-            patch.status.unwrap_or(cur.status),
-            patch.retry_strategy.unwrap_or(cur.retry_strategy),
-            patch.max_retries.unwrap_or(cur.max_retries),
-            patch
+            config: patch.config.unwrap_or(cur.config),
+            priority: patch.priority.unwrap_or(cur.priority),
+            is_default: patch.is_default.unwrap_or(cur.is_default),
+            status: patch.status.unwrap_or(cur.status),
+            retry_strategy: patch.retry_strategy.unwrap_or(cur.retry_strategy),
+            max_retries: patch.max_retries.unwrap_or(cur.max_retries),
+            rate_limit_per_second: patch
                 .rate_limit_per_second
                 .unwrap_or(cur.rate_limit_per_second),
-            patch
+            rate_limit_per_minute: patch
                 .rate_limit_per_minute
                 .unwrap_or(cur.rate_limit_per_minute),
-            patch.tenant_id.unwrap_or(cur.tenant_id),
-        )?;
+            tenant_id: patch.tenant_id.unwrap_or(cur.tenant_id),
+        })?;
         // (change credentials?, new sealed value)
         let (set_credentials, sealed) = match &patch.credentials {
             None => (false, None),
@@ -764,19 +790,7 @@ mod tests {
     }
 
     fn check(p: NewProvider) -> Result<Valid, ProviderStoreError> {
-        validate(
-            p.provider_type,
-            p.channel,
-            p.config,
-            p.priority,
-            p.is_default,
-            p.status,
-            p.retry_strategy,
-            p.max_retries,
-            p.rate_limit_per_second,
-            p.rate_limit_per_minute,
-            p.tenant_id,
-        )
+        validate(p.into_draft().2)
     }
 
     fn field(r: Result<Valid, ProviderStoreError>) -> &'static str {
