@@ -26,17 +26,7 @@ async fn broker_outage_mid_load_loses_nothing() {
     )];
     let mut herald = HeraldProcess::spawn(f.vars(&extra), &log);
 
-    let ids: Vec<String> = (0..n).map(|i| format!("brk-{}-{i}", f.env.id)).collect();
-    let messages: Vec<(String, Vec<u8>)> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| {
-            (
-                format!("user-{}", i % 97),
-                webhook_request(id, &sink.url("ok", id)),
-            )
-        })
-        .collect();
+    let (ids, messages) = ok_webhook_load("brk", &f.env.id, n, &sink);
     let p = f.producer();
     let mut outcomes = f.reader(&f.env.outcomes);
     let (first, rest) = messages.split_at(n * 2 / 3);
@@ -100,17 +90,7 @@ async fn probe_session_expiry_recovery() {
     }
     let vars = f.vars(&extra);
     let mut herald = HeraldProcess::spawn(vars.clone(), &log);
-    let ids: Vec<String> = (0..n).map(|i| format!("prb-{}-{i}", f.env.id)).collect();
-    let messages: Vec<(String, Vec<u8>)> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| {
-            (
-                format!("user-{}", i % 97),
-                webhook_request(id, &sink.url("ok", id)),
-            )
-        })
-        .collect();
+    let (ids, messages) = ok_webhook_load("prb", &f.env.id, n, &sink);
     let p = f.producer();
     let mut outcomes = f.reader(&f.env.outcomes);
     let (first, rest) = messages.split_at(n / 3);

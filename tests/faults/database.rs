@@ -17,17 +17,7 @@ async fn postgres_restart_mid_load_loses_nothing() {
     let log = logs.join("herald.log");
     let mut herald = HeraldProcess::spawn(f.vars(&[]), &log);
 
-    let ids: Vec<String> = (0..n).map(|i| format!("pg-{}-{i}", f.env.id)).collect();
-    let messages: Vec<(String, Vec<u8>)> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| {
-            (
-                format!("user-{}", i % 97),
-                webhook_request(id, &sink.url("ok", id)),
-            )
-        })
-        .collect();
+    let (ids, messages) = ok_webhook_load("pg", &f.env.id, n, &sink);
     let p = f.producer();
     let mut outcomes = f.reader(&f.env.outcomes);
     // Slices: one before each outage (it starts while that slice is being

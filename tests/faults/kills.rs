@@ -27,17 +27,7 @@ async fn ten_sigkills_during_one_load_lose_nothing() {
     eprintln!("sigkill test: seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
-    let ids: Vec<String> = (0..n).map(|i| format!("k10-{}-{i}", f.env.id)).collect();
-    let messages: Vec<(String, Vec<u8>)> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| {
-            (
-                format!("user-{}", i % 97),
-                webhook_request(id, &sink.url("ok", id)),
-            )
-        })
-        .collect();
+    let (ids, messages) = ok_webhook_load("k10", &f.env.id, n, &sink);
     let p = f.producer();
     let mut outcomes = f.reader(&f.env.outcomes);
     let mut log = logs.join("run0.log");

@@ -656,6 +656,28 @@ pub fn webhook_request(id: &str, url: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// `n` webhook requests to `sink`'s `/ok/` path with ids `{tag}-{run}-{i}`,
+/// keyed over 97 users: the ids and the (key, payload) messages.
+pub fn ok_webhook_load(
+    tag: &str,
+    run: &str,
+    n: usize,
+    sink: &FaultSink,
+) -> (Vec<String>, Vec<(String, Vec<u8>)>) {
+    let ids: Vec<String> = (0..n).map(|i| format!("{tag}-{run}-{i}")).collect();
+    let messages = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            (
+                format!("user-{}", i % 97),
+                webhook_request(id, &sink.url("ok", id)),
+            )
+        })
+        .collect();
+    (ids, messages)
+}
+
 /// What [`FaultSink`] answers, chosen by the first path segment.
 /// `/ok/..` → 200, `/s500/..` → 500, `/s429/..` → 429 with `Retry-After: 1`,
 /// `/hang/..` → never answers.
