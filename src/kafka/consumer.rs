@@ -42,6 +42,7 @@ use super::offsets::OffsetTracker;
 use crate::config::KafkaSettings;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::telemetry::Metrics;
+use crate::telemetry::metrics::RequestStage;
 
 type PartitionKey = (String, i32);
 
@@ -454,9 +455,8 @@ pub trait Handler: Send + Sync + 'static {
     /// Counts an infrastructure retry at `stage` (bounded label).
     fn retried(&self, stage: &'static str);
 
-    /// Records how long a message spent in `stage` (`queued`, `process`,
-    /// `ack`; see `herald_request_stage_seconds`).
-    fn timed(&self, _stage: &'static str, _took: Duration) {}
+    /// Records how long a message spent in `stage`.
+    fn timed(&self, _stage: RequestStage, _took: Duration) {}
 }
 
 impl Handler for Pipeline {
@@ -474,11 +474,8 @@ impl Handler for Pipeline {
             .inc();
     }
 
-    fn timed(&self, stage: &'static str, took: Duration) {
-        self.metrics()
-            .request_stage
-            .with_label_values(&[stage])
-            .observe(took.as_secs_f64());
+    fn timed(&self, stage: RequestStage, took: Duration) {
+        self.metrics().request_stage(stage, took);
     }
 }
 
@@ -520,14 +517,14 @@ async fn run_lane(
             g.running += 1;
         }
         if let Some(queued) = age(&job.message) {
-            handler.timed("queued", queued);
+            handler.timed(RequestStage::Queued, queued);
         }
         let started = Instant::now();
         let acks = AckCollector::new();
         let done = process(handler.as_ref(), &job.message, &acks, &state, &shutdown).await;
         let enqueued = Instant::now();
         if done {
-            handler.timed("process", enqueued - started);
+            handler.timed(RequestStage::Process, enqueued - started);
         }
         if done && acks.pending() > 0 {
             // The permit travels with the job: the message stays in flight
@@ -605,7 +602,7 @@ async fn await_acks(
         }
     };
     if done {
-        handler.timed("ack", enqueued.elapsed());
+        handler.timed(RequestStage::Ack, enqueued.elapsed());
     }
     settle(&state, m, done, sink.as_ref());
     drop(job);
