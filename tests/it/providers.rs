@@ -215,6 +215,24 @@ async fn inactive_providers_are_skipped_and_tenant_providers_win() {
     app.stop().await;
 }
 
+/// One final outcome per request, each notification at the sink exactly
+/// once, and the sink's send rate within the provider's 20/s (+10%).
+fn assert_each_sent_once_within_the_limit(
+    events: &[serde_json::Value],
+    ids: &[String],
+    sink: &HttpSink,
+) {
+    let finals = finals_by_notification(events);
+    for id in ids {
+        assert_eq!(finals.get(id).map(|s| s.len()), Some(1), "{id}");
+    }
+    let counts = sink.counts_by_id();
+    assert_eq!(counts.len(), LIMITED, "every notification reached the sink");
+    assert!(counts.values().all(|c| *c == 1), "exactly once each");
+    let rate = send_rate(sink);
+    assert!(rate <= 22.0, "send rate {rate:.1}/s exceeds 20/s + 10%");
+}
+
 /// Sends per second at the sink over the whole run: (n - 1) / span.
 fn send_rate(sink: &HttpSink) -> f64 {
     let mut at: Vec<Instant> = sink.received().iter().map(|r| r.at).collect();
@@ -270,15 +288,7 @@ async fn a_rate_limited_provider_is_held_to_its_limit_by_one_instance() {
             .await,
         "every request finished"
     );
-    let finals = finals_by_notification(&outcomes.events());
-    for id in &ids {
-        assert_eq!(finals.get(id).map(|s| s.len()), Some(1), "{id}");
-    }
-    let counts = sink.counts_by_id();
-    assert_eq!(counts.len(), LIMITED, "every notification reached the sink");
-    assert!(counts.values().all(|c| *c == 1), "exactly once each");
-    let rate = send_rate(&sink);
-    assert!(rate <= 22.0, "send rate {rate:.1}/s exceeds 20/s + 10%");
+    assert_each_sent_once_within_the_limit(&outcomes.events(), &ids, &sink);
     // Some had to wait as due rows (200 at once cannot pass in 2 s).
     let throttled = outcomes
         .events()
@@ -338,15 +348,7 @@ async fn two_instances_together_stay_within_a_provider_rate_limit() {
         h.terminate();
     }
     assert!(done, "every request finished");
-    let finals = finals_by_notification(&outcomes.events());
-    for id in &ids {
-        assert_eq!(finals.get(id).map(|s| s.len()), Some(1), "{id}");
-    }
-    let counts = sink.counts_by_id();
-    assert_eq!(counts.len(), LIMITED, "every notification reached the sink");
-    assert!(counts.values().all(|c| *c == 1), "exactly once each");
-    let rate = send_rate(&sink);
-    assert!(rate <= 22.0, "send rate {rate:.1}/s exceeds 20/s + 10%");
+    assert_each_sent_once_within_the_limit(&outcomes.events(), &ids, &sink);
 }
 
 /// One key's requests wait on a slow rate limit; other keys on the same
