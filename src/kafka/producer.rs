@@ -1,9 +1,10 @@
 //! The outcome and dead-letter publisher.
 //!
 //! [`OutcomePublisher`] is a seam (a trait) so pipeline unit tests can run
-//! without a broker; [`KafkaPublisher`] is the real one: an idempotent
-//! `FutureProducer`. A publish resolves once the record is acknowledged by
-//! the broker, except inside an [`super::acks::AckCollector`] scope (the
+//! without a broker; [`KafkaPublisher`] is the real one: a `FutureProducer`
+//! with acks=all and one request in flight per broker (see
+//! [`super::producer_config`]). A publish resolves once the record is
+//! acknowledged by the broker, except inside an [`super::acks::AckCollector`] scope (the
 //! request consumer): there it resolves once the record is enqueued, and the
 //! acknowledgement goes to the collector (see [`super::acks`]).
 
@@ -63,7 +64,7 @@ pub struct KafkaPublisher {
 }
 
 impl KafkaPublisher {
-    /// Creates the idempotent producer.
+    /// Creates the producer.
     pub fn new(settings: &KafkaSettings) -> Result<Self, PublishError> {
         let producer: FutureProducer = super::producer_config(settings).create()?;
         Ok(KafkaPublisher {
