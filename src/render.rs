@@ -384,6 +384,11 @@ impl FileRenderer {
         }
         for (part, source) in parts {
             let Some(source) = source else { continue };
+            // Most inline content is plain text: no need to compile it.
+            if let Some(plain) = literal_output(source, self.inner.max_output_bytes) {
+                store_part(&mut out, part, plain.to_string())?;
+                continue;
+            }
             let name = format!("inline/{}", part.file_name());
             let tmpl = self
                 .inner
@@ -429,6 +434,21 @@ pub(crate) fn check_required(channel: Channel, c: &RenderedContent) -> Result<()
 }
 
 /// Puts a rendered field in place; a subject is trimmed and must be one line.
+/// What minijinja would render `source` to when it holds no template syntax
+/// at all (no `{{`, `{%` or `{#`): the text itself, less one trailing line
+/// break (`\r\n`, `\n` or `\r`: minijinja's default). `None` when it must be rendered for real, or
+/// is longer than `limit` (rendering reports that error).
+fn literal_output(source: &str, limit: usize) -> Option<&str> {
+    if source.len() > limit || ["{{", "{%", "{#"].iter().any(|d| source.contains(d)) {
+        return None;
+    }
+    let s = source
+        .strip_suffix("\r\n")
+        .or_else(|| source.strip_suffix(['\n', '\r']))
+        .unwrap_or(source);
+    Some(s)
+}
+
 pub(crate) fn store_part(
     out: &mut RenderedContent,
     part: Part,
@@ -866,6 +886,45 @@ fn money(amount: Value, currency: String) -> Result<String, minijinja::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The plain-text shortcut must give exactly what minijinja renders.
+    #[test]
+    fn literal_output_matches_minijinja() {
+        let env = new_environment(1_000);
+        let samples = [
+            "Hello",
+            "Hello\n",
+            "Hello\r\n",
+            "Hello\n\n",
+            "  spaced  \n\t",
+            "<b>5 > 4 & 3 < 4</b>\n",
+            "a { b } c % d # e",
+            "line one\nline two\r\nline three\r",
+            "carriage\r\r",
+            "both\n\r",
+            "\n",
+            "",
+            "ünïcödé ✓\n",
+        ];
+        for name in ["inline/subject", "inline/text.jinja", "inline/html.jinja"] {
+            for source in samples {
+                let rendered = env
+                    .template_from_named_str(name, source)
+                    .unwrap()
+                    .render(())
+                    .unwrap();
+                assert_eq!(
+                    literal_output(source, 1024),
+                    Some(rendered.as_str()),
+                    "{name}: {source:?}"
+                );
+            }
+        }
+        for templated in ["{{ x }}", "a {% if true %}b{% endif %}", "{# note #}"] {
+            assert_eq!(literal_output(templated, 1024), None, "{templated:?}");
+        }
+        assert_eq!(literal_output("too long", 3), None);
+    }
     use crate::domain::{EmailAddress, Meta, Priority, Recipient};
     use std::path::PathBuf;
 
