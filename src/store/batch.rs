@@ -27,7 +27,8 @@ pub(super) struct FinishJob {
     pub id: String,
     pub attempt: i32,
     pub result: AttemptResult,
-    pub event: serde_json::Value,
+    /// The outcome event, serialized (PostgreSQL parses it into `jsonb`).
+    pub event: String,
     pub done: oneshot::Sender<Result<(), StoreError>>,
 }
 
@@ -56,7 +57,7 @@ impl FinishBatcher {
         result: &AttemptResult,
         event: &DeliveryStatusEvent,
     ) -> Result<(), StoreError> {
-        let event = serde_json::to_value(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let event = serde_json::to_string(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let (done, wait) = oneshot::channel();
         let job = FinishJob {
             id: id.to_string(),
@@ -93,48 +94,64 @@ async fn writer(pool: PgPool, rx: Arc<Mutex<mpsc::UnboundedReceiver<FinishJob>>>
         let Some(batch) = next_batch(&rx).await else {
             return;
         };
-        let result = write(&pool, &batch).await;
-        for job in batch {
+        let (rows, senders) = finish_rows(batch);
+        let result = write(&pool, rows).await;
+        for done in senders {
             let r = match &result {
                 Ok(()) => Ok(()),
                 Err(e) => Err(StoreError::Corrupt(format!(
                     "batched attempt write failed: {e}"
                 ))),
             };
-            let _ = job.done.send(r);
+            let _ = done.send(r);
         }
     }
 }
 
-async fn write(pool: &PgPool, batch: &[FinishJob]) -> Result<(), sqlx::Error> {
-    let mut ids = Vec::with_capacity(batch.len());
-    let mut attempts = Vec::with_capacity(batch.len());
-    let mut statuses = Vec::with_capacity(batch.len());
-    let mut message_ids = Vec::with_capacity(batch.len());
-    let mut codes = Vec::with_capacity(batch.len());
-    let mut messages = Vec::with_capacity(batch.len());
-    let mut retryable = Vec::with_capacity(batch.len());
-    let mut durations = Vec::with_capacity(batch.len());
-    let mut providers = Vec::with_capacity(batch.len());
-    let mut events = Vec::with_capacity(batch.len());
+/// The columns of one finish statement, moved out of the jobs (no copies).
+#[derive(Default)]
+struct FinishRows {
+    ids: Vec<String>,
+    attempts: Vec<i32>,
+    statuses: Vec<&'static str>,
+    message_ids: Vec<Option<String>>,
+    codes: Vec<Option<String>>,
+    messages: Vec<Option<String>>,
+    retryable: Vec<Option<bool>>,
+    durations: Vec<i32>,
+    providers: Vec<String>,
+    events: Vec<String>,
+}
+
+type FinishSender = oneshot::Sender<Result<(), StoreError>>;
+
+fn finish_rows(batch: Vec<FinishJob>) -> (FinishRows, Vec<FinishSender>) {
+    let mut rows = FinishRows::default();
+    let mut senders = Vec::with_capacity(batch.len());
     for j in batch {
-        let e = j.result.error.as_ref();
-        ids.push(j.id.clone());
-        attempts.push(j.attempt);
-        statuses.push(j.result.status.as_str().to_string());
-        message_ids.push(j.result.provider_message_id.clone());
-        codes.push(e.map(|e| e.code.clone()));
-        messages.push(e.map(|e| e.message.clone()));
-        retryable.push(e.map(|e| e.retryable));
-        durations.push(j.result.duration_ms);
-        providers.push(j.result.provider.clone());
-        events.push(j.event.clone());
+        let r = j.result;
+        rows.ids.push(j.id);
+        rows.attempts.push(j.attempt);
+        rows.statuses.push(r.status.as_str());
+        rows.message_ids.push(r.provider_message_id);
+        rows.retryable.push(r.error.as_ref().map(|e| e.retryable));
+        let (code, message) = r.error.map(|e| (e.code, e.message)).unzip();
+        rows.codes.push(code);
+        rows.messages.push(message);
+        rows.durations.push(r.duration_ms);
+        rows.providers.push(r.provider);
+        rows.events.push(j.event);
+        senders.push(j.done);
     }
+    (rows, senders)
+}
+
+async fn write(pool: &PgPool, rows: FinishRows) -> Result<(), sqlx::Error> {
     sqlx::query(
         r#"
         WITH input AS (
             SELECT * FROM UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::text[],
-                                 $6::text[], $7::bool[], $8::int4[], $9::text[], $10::jsonb[])
+                                 $6::text[], $7::bool[], $8::int4[], $9::text[], $10::text[])
                 AS t(id, attempt, status, provider_message_id, error_code, error_message,
                      retryable, duration_ms, provider, last_event)
         ), attempt AS (
@@ -147,7 +164,7 @@ async fn write(pool: &PgPool, batch: &[FinishJob]) -> Result<(), sqlx::Error> {
         )
         UPDATE notifications n
         SET status = i.status, provider = i.provider, provider_message_id = i.provider_message_id,
-            error_code = i.error_code, error_message = i.error_message, last_event = i.last_event,
+            error_code = i.error_code, error_message = i.error_message, last_event = i.last_event::jsonb,
             updated_at = now(), send_lease_until = NULL,
             sent_at = CASE WHEN i.status = 'sent' THEN now() ELSE n.sent_at END,
             failed_at = CASE WHEN i.status = 'failed' THEN now() ELSE n.failed_at END
@@ -155,16 +172,16 @@ async fn write(pool: &PgPool, batch: &[FinishJob]) -> Result<(), sqlx::Error> {
         WHERE n.id = i.id
         "#,
     )
-    .bind(ids)
-    .bind(attempts)
-    .bind(statuses)
-    .bind(message_ids)
-    .bind(codes)
-    .bind(messages)
-    .bind(retryable)
-    .bind(durations)
-    .bind(providers)
-    .bind(events)
+    .bind(rows.ids)
+    .bind(rows.attempts)
+    .bind(rows.statuses)
+    .bind(rows.message_ids)
+    .bind(rows.codes)
+    .bind(rows.messages)
+    .bind(rows.retryable)
+    .bind(rows.durations)
+    .bind(rows.providers)
+    .bind(rows.events)
     .execute(pool)
     .await?;
     Ok(())
@@ -183,8 +200,10 @@ pub(super) struct ClaimJob {
     pub status: String,
     pub attempts: i32,
     pub provider: String,
-    pub payload: serde_json::Value,
-    pub last_event: Option<serde_json::Value>,
+    /// The notification and the outcome event, serialized (PostgreSQL
+    /// parses them into `jsonb`).
+    pub payload: String,
+    pub last_event: Option<String>,
     pub error_code: Option<String>,
     pub error_message: Option<String>,
     pub scheduled_at: Option<DateTime<Utc>>,
@@ -242,16 +261,16 @@ async fn claim_writer(
             let (round, later): (Vec<ClaimJob>, Vec<ClaimJob>) =
                 batch.into_iter().partition(|j| seen.insert(j.id.clone()));
             batch = later;
-            match write_claims(&pool, &round, send_lease).await {
+            let (rows, senders) = claim_rows(round);
+            match write_claims(&pool, rows, send_lease).await {
                 Ok(inserted) => {
-                    for job in round {
-                        let new = inserted.contains(&job.id);
-                        let _ = job.done.send(Ok(new));
+                    for (id, done) in senders {
+                        let _ = done.send(Ok(inserted.contains(&id)));
                     }
                 }
                 Err(e) => {
-                    for job in round {
-                        let _ = job.done.send(Err(StoreError::Corrupt(format!(
+                    for (_, done) in senders {
+                        let _ = done.send(Err(StoreError::Corrupt(format!(
                             "batched claim failed: {e}"
                         ))));
                     }
@@ -261,38 +280,67 @@ async fn claim_writer(
     }
 }
 
+/// The columns of one claim statement, moved out of the jobs.
+#[derive(Default)]
+struct ClaimRows {
+    ids: Vec<String>,
+    request_ids: Vec<String>,
+    tenants: Vec<Option<String>>,
+    apps: Vec<Option<String>>,
+    channels: Vec<String>,
+    priorities: Vec<String>,
+    categories: Vec<Option<String>>,
+    correlations: Vec<Option<String>>,
+    statuses: Vec<String>,
+    attempts: Vec<i32>,
+    providers: Vec<String>,
+    payloads: Vec<String>,
+    events: Vec<Option<String>>,
+    codes: Vec<Option<String>>,
+    messages: Vec<Option<String>>,
+    scheduled: Vec<Option<DateTime<Utc>>>,
+    expires: Vec<Option<DateTime<Utc>>>,
+}
+
+type ClaimSender = oneshot::Sender<Result<bool, StoreError>>;
+
+fn claim_rows(round: Vec<ClaimJob>) -> (ClaimRows, Vec<(String, ClaimSender)>) {
+    let mut rows = ClaimRows::default();
+    let mut senders = Vec::with_capacity(round.len());
+    for j in round {
+        rows.ids.push(j.id.clone());
+        rows.request_ids.push(j.request_id);
+        rows.tenants.push(j.tenant_id);
+        rows.apps.push(j.app_id);
+        rows.channels.push(j.channel);
+        rows.priorities.push(j.priority);
+        rows.categories.push(j.category);
+        rows.correlations.push(j.correlation_id);
+        rows.statuses.push(j.status);
+        rows.attempts.push(j.attempts);
+        rows.providers.push(j.provider);
+        rows.payloads.push(j.payload);
+        rows.events.push(j.last_event);
+        rows.codes.push(j.error_code);
+        rows.messages.push(j.error_message);
+        rows.scheduled.push(j.scheduled_at);
+        rows.expires.push(j.expires_at);
+        senders.push((j.id, j.done));
+    }
+    (rows, senders)
+}
+
 async fn write_claims(
     pool: &PgPool,
-    batch: &[ClaimJob],
+    rows: ClaimRows,
     send_lease: std::time::Duration,
 ) -> Result<std::collections::HashSet<String>, sqlx::Error> {
-    let col = |f: &dyn Fn(&ClaimJob) -> Option<String>| -> Vec<Option<String>> {
-        batch.iter().map(f).collect()
-    };
-    let ids: Vec<String> = batch.iter().map(|j| j.id.clone()).collect();
-    let request_ids: Vec<String> = batch.iter().map(|j| j.request_id.clone()).collect();
-    let tenants = col(&|j| j.tenant_id.clone());
-    let apps = col(&|j| j.app_id.clone());
-    let channels: Vec<String> = batch.iter().map(|j| j.channel.clone()).collect();
-    let priorities: Vec<String> = batch.iter().map(|j| j.priority.clone()).collect();
-    let categories = col(&|j| j.category.clone());
-    let correlations = col(&|j| j.correlation_id.clone());
-    let statuses: Vec<String> = batch.iter().map(|j| j.status.clone()).collect();
-    let attempts: Vec<i32> = batch.iter().map(|j| j.attempts).collect();
-    let providers: Vec<String> = batch.iter().map(|j| j.provider.clone()).collect();
-    let payloads: Vec<serde_json::Value> = batch.iter().map(|j| j.payload.clone()).collect();
-    let events: Vec<Option<serde_json::Value>> =
-        batch.iter().map(|j| j.last_event.clone()).collect();
-    let codes = col(&|j| j.error_code.clone());
-    let messages = col(&|j| j.error_message.clone());
-    let scheduled: Vec<Option<DateTime<Utc>>> = batch.iter().map(|j| j.scheduled_at).collect();
-    let expires: Vec<Option<DateTime<Utc>>> = batch.iter().map(|j| j.expires_at).collect();
     let inserted: Vec<String> = sqlx::query_scalar(
         r#"
         WITH input AS (
             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                                  $6::text[], $7::text[], $8::text[], $9::text[], $10::int4[],
-                                 $11::text[], $12::jsonb[], $13::jsonb[], $14::text[], $15::text[],
+                                 $11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
                                  $16::timestamptz[], $17::timestamptz[])
                 AS t(id, request_id, tenant_id, app_id, channel, priority, category,
                      correlation_id, status, attempts, provider, payload, last_event,
@@ -303,7 +351,7 @@ async fn write_claims(
                 correlation_id, status, attempts, provider, payload, last_event,
                 error_code, error_message, scheduled_at, expires_at, failed_at, send_lease_until)
             SELECT id, request_id, tenant_id, app_id, channel, priority, category,
-                   correlation_id, status, attempts, provider, payload, last_event,
+                   correlation_id, status, attempts, provider, payload::jsonb, last_event::jsonb,
                    error_code, error_message, scheduled_at, expires_at,
                    CASE WHEN status = 'failed' THEN now() END,
                    CASE WHEN status = 'sending' THEN now() + make_interval(secs => $18) END
@@ -317,23 +365,23 @@ async fn write_claims(
         SELECT id FROM ins
         "#,
     )
-    .bind(ids)
-    .bind(request_ids)
-    .bind(tenants)
-    .bind(apps)
-    .bind(channels)
-    .bind(priorities)
-    .bind(categories)
-    .bind(correlations)
-    .bind(statuses)
-    .bind(attempts)
-    .bind(providers)
-    .bind(payloads)
-    .bind(events)
-    .bind(codes)
-    .bind(messages)
-    .bind(scheduled)
-    .bind(expires)
+    .bind(rows.ids)
+    .bind(rows.request_ids)
+    .bind(rows.tenants)
+    .bind(rows.apps)
+    .bind(rows.channels)
+    .bind(rows.priorities)
+    .bind(rows.categories)
+    .bind(rows.correlations)
+    .bind(rows.statuses)
+    .bind(rows.attempts)
+    .bind(rows.providers)
+    .bind(rows.payloads)
+    .bind(rows.events)
+    .bind(rows.codes)
+    .bind(rows.messages)
+    .bind(rows.scheduled)
+    .bind(rows.expires)
     .bind(send_lease.as_secs_f64())
     .fetch_all(pool)
     .await?;

@@ -77,9 +77,9 @@ impl NotificationStore {
         provider: &str,
         event: Option<&DeliveryStatusEvent>,
     ) -> Result<Claim, StoreError> {
-        let payload = serde_json::to_value(n).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let payload = serde_json::to_string(n).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let last_event = event
-            .map(serde_json::to_value)
+            .map(serde_json::to_string)
             .transpose()
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let error = event.and_then(|e| e.error.as_ref());
