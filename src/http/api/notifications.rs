@@ -64,7 +64,7 @@ pub struct NotificationView {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-const COLUMNS: &str = "id, request_id, tenant_id, app_id, payload -> 'recipient' ->> 'user_id' AS user_id, \
+const COLUMNS: &str = "id, request_id, tenant_id, app_id, user_id, \
     channel, priority, category, correlation_id, status, attempts, provider, provider_message_id, \
     error_code, error_message, created_at, updated_at, sent_at, failed_at, scheduled_at, expires_at";
 
@@ -183,8 +183,7 @@ pub async fn list(
         (None, _) => {}
     }
     if let Some(u) = &user {
-        b.push(" AND payload -> 'recipient' ->> 'user_id' = ")
-            .push_bind(u.clone());
+        b.push(" AND user_id = ").push_bind(u.clone());
     }
     if let Some(f) = from {
         b.push(" AND created_at >= ").push_bind(f);
