@@ -77,7 +77,7 @@ impl FinishBatcher {
 /// Waits for the next job, then takes whatever else is queued (up to
 /// [`MAX_BATCH`]); `None` when every sender is gone. The writers share the
 /// receiver, so one of them gathers while the others write.
-async fn next_batch<J>(rx: &Mutex<mpsc::UnboundedReceiver<J>>) -> Option<Vec<J>> {
+pub(super) async fn next_batch<J>(rx: &Mutex<mpsc::UnboundedReceiver<J>>) -> Option<Vec<J>> {
     let mut rx = rx.lock().await;
     let mut batch = vec![rx.recv().await?];
     while batch.len() < MAX_BATCH {

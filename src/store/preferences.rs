@@ -2,11 +2,15 @@
 //! apply to one recipient, upsert with last-write-wins, and the recent sends
 //! that frequency caps count.
 
+use std::sync::{Arc, OnceLock};
+
 use chrono::{DateTime, NaiveTime, Utc};
 use sqlx::PgPool;
 use sqlx::types::Json;
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::StoreError;
+use super::batch::next_batch;
 use crate::domain::Channel;
 use crate::policy::preferences::PreferenceRecord;
 
@@ -14,6 +18,24 @@ use crate::policy::preferences::PreferenceRecord;
 #[derive(Clone)]
 pub struct PreferenceStore {
     pool: PgPool,
+    /// Coalesces concurrent [`PreferenceStore::lookup`]s; started on first use.
+    lookups: Arc<OnceLock<mpsc::UnboundedSender<LookupJob>>>,
+}
+
+/// Lookup statements run at once (each holds one pooled connection).
+const LOOKUP_WRITERS: usize = 2;
+
+/// What [`PreferenceStore::lookup`] answers: the levels, most specific
+/// first, and whether the address is suppressed (`None`: not asked).
+type LookupAnswer = (Vec<PreferenceRecord>, Option<bool>);
+
+/// One lookup waiting for the next statement.
+struct LookupJob {
+    tenant_id: String,
+    user_id: String,
+    channel: Channel,
+    address: Option<String>,
+    done: oneshot::Sender<Result<LookupAnswer, StoreError>>,
 }
 
 type Row = (
@@ -60,7 +82,10 @@ fn record(r: Row) -> Result<PreferenceRecord, StoreError> {
 
 impl PreferenceStore {
     pub fn new(pool: PgPool) -> Self {
-        PreferenceStore { pool }
+        PreferenceStore {
+            pool,
+            lookups: Arc::new(OnceLock::new()),
+        }
     }
 
     /// The records that apply to (tenant, user, channel), most specific
@@ -88,35 +113,37 @@ impl PreferenceStore {
 
     /// [`PreferenceStore::levels`] and, when `address` is given,
     /// [`PreferenceStore::is_suppressed`] in one round trip (a cold cache
-    /// costs one query per new recipient, not two).
+    /// costs one query per new recipient, not two). Lookups made while a
+    /// statement runs are answered together by the next one, so under load
+    /// the database sees one statement per batch, not one per recipient.
     pub async fn lookup(
         &self,
         tenant_id: &str,
         user_id: &str,
         channel: Channel,
         address: Option<&str>,
-    ) -> Result<(Vec<PreferenceRecord>, Option<bool>), StoreError> {
-        let (suppressed, levels): (Option<bool>, Json<Vec<PreferenceRecord>>) = sqlx::query_as(
-            r#"
-            SELECT
-                CASE WHEN $4::text IS NULL THEN NULL ELSE EXISTS (
-                    SELECT 1 FROM suppressed_addresses
-                    WHERE address = $4 AND tenant_id IN ($1, '')) END,
-                COALESCE((
-                    SELECT jsonb_agg(to_jsonb(p) ORDER BY (p.tenant_id = '') ASC, (p.user_id = '') ASC)
-                    FROM preferences p
-                    WHERE p.channel = $3
-                      AND ((p.tenant_id = $1 AND p.user_id IN ($2, ''))
-                           OR (p.tenant_id = '' AND p.user_id = ''))), '[]'::jsonb)
-            "#,
-        )
-        .bind(tenant_id)
-        .bind(user_id)
-        .bind(channel.as_str())
-        .bind(address)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok((levels.0, suppressed))
+    ) -> Result<LookupAnswer, StoreError> {
+        let tx = self.lookups.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let rx = Arc::new(Mutex::new(rx));
+            for _ in 0..LOOKUP_WRITERS {
+                tokio::spawn(lookup_writer(self.pool.clone(), rx.clone()));
+            }
+            tx
+        });
+        let (done, wait) = oneshot::channel();
+        let job = LookupJob {
+            tenant_id: tenant_id.to_string(),
+            user_id: user_id.to_string(),
+            channel,
+            address: address.map(str::to_string),
+            done,
+        };
+        tx.send(job)
+            .map_err(|_| StoreError::Corrupt("the preference lookup task stopped".into()))?;
+        wait.await.map_err(|_| {
+            StoreError::Corrupt("the preference lookup task dropped a lookup".into())
+        })?
     }
 
     /// Every stored record of (tenant, user), one per channel.
@@ -248,4 +275,67 @@ impl PreferenceStore {
         .fetch_all(&self.pool)
         .await?)
     }
+}
+
+/// Answers queued lookups, a batch per statement, until every store is gone.
+async fn lookup_writer(pool: PgPool, rx: Arc<Mutex<mpsc::UnboundedReceiver<LookupJob>>>) {
+    while let Some(batch) = next_batch(&rx).await {
+        match lookup_batch(&pool, &batch).await {
+            Ok(answers) => {
+                for (job, answer) in batch.into_iter().zip(answers) {
+                    let _ = job.done.send(Ok(answer));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for job in batch {
+                    let _ = job.done.send(Err(StoreError::Corrupt(format!(
+                        "batched preference lookup failed: {message}"
+                    ))));
+                }
+            }
+        }
+    }
+}
+
+/// One statement for the whole batch; answers in the batch's order.
+async fn lookup_batch(pool: &PgPool, batch: &[LookupJob]) -> Result<Vec<LookupAnswer>, StoreError> {
+    let tenants: Vec<&str> = batch.iter().map(|j| j.tenant_id.as_str()).collect();
+    let users: Vec<&str> = batch.iter().map(|j| j.user_id.as_str()).collect();
+    let channels: Vec<&str> = batch.iter().map(|j| j.channel.as_str()).collect();
+    let addresses: Vec<Option<&str>> = batch.iter().map(|j| j.address.as_deref()).collect();
+    let rows: Vec<(i64, Option<bool>, Json<Vec<PreferenceRecord>>)> = sqlx::query_as(
+        r#"
+        SELECT i.ord,
+            CASE WHEN i.address IS NULL THEN NULL ELSE EXISTS (
+                SELECT 1 FROM suppressed_addresses s
+                WHERE s.address = i.address AND s.tenant_id IN (i.tenant_id, '')) END,
+            COALESCE((
+                SELECT jsonb_agg(to_jsonb(p) ORDER BY (p.tenant_id = '') ASC, (p.user_id = '') ASC)
+                FROM preferences p
+                WHERE p.channel = i.channel
+                  AND ((p.tenant_id = i.tenant_id AND p.user_id IN (i.user_id, ''))
+                       OR (p.tenant_id = '' AND p.user_id = ''))), '[]'::jsonb)
+        FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[])
+            WITH ORDINALITY AS i(tenant_id, user_id, channel, address, ord)
+        "#,
+    )
+    .bind(tenants)
+    .bind(users)
+    .bind(channels)
+    .bind(addresses)
+    .fetch_all(pool)
+    .await?;
+    let mut answers: Vec<Option<LookupAnswer>> = vec![None; batch.len()];
+    for (ord, suppressed, levels) in rows {
+        let slot = usize::try_from(ord - 1)
+            .ok()
+            .and_then(|i| answers.get_mut(i))
+            .ok_or_else(|| StoreError::Corrupt(format!("lookup row {ord} out of range")))?;
+        *slot = Some((levels.0, suppressed));
+    }
+    answers
+        .into_iter()
+        .map(|a| a.ok_or_else(|| StoreError::Corrupt("a preference lookup got no answer".into())))
+        .collect()
 }

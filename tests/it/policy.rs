@@ -90,6 +90,54 @@ async fn warm_up(env: &TestEnv, sink: &HttpSink, out: &mut TopicReader) {
     out.wait_for(WAIT, &[(&id, "sent")]).await;
 }
 
+/// Concurrent lookups share statements; each must still get its own
+/// recipient's levels and suppression, never a neighbour's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_preference_lookups_each_get_their_own_answer() {
+    let env = TestEnv::new(1).await;
+    let store = PreferenceStore::new(env.pool().await);
+    let n = 200;
+    for i in (0..n).filter(|i| i % 3 == 0) {
+        let mut r = prefs("acme", &format!("u-{i}"));
+        r.enabled = Some(false);
+        r.max_per_day = Some(i);
+        store.upsert(&r).await.expect("upsert");
+    }
+    for i in (0..n).filter(|i| i % 4 == 0) {
+        let address = format!("http://127.0.0.1:9/{i}");
+        store
+            .suppress("acme", &address, None)
+            .await
+            .expect("suppress");
+    }
+    let lookups = (0..n).map(|i| {
+        let store = store.clone();
+        async move {
+            let user = format!("u-{i}");
+            let address = format!("http://127.0.0.1:9/{i}");
+            let asked = (i % 2 == 0).then_some(address.as_str());
+            let got = store
+                .lookup("acme", &user, Channel::Webhook, asked)
+                .await
+                .expect("lookup");
+            (i, got)
+        }
+    });
+    let answers = futures::future::join_all(lookups).await;
+    for (i, (levels, suppressed)) in answers {
+        let expected_suppressed = (i % 2 == 0).then_some(i % 4 == 0);
+        assert_eq!(suppressed, expected_suppressed, "suppression of u-{i}");
+        if i % 3 == 0 {
+            assert_eq!(levels.len(), 1, "levels of u-{i}: {levels:?}");
+            assert_eq!(levels[0].user_id, format!("u-{i}"));
+            assert_eq!(levels[0].enabled, Some(false));
+            assert_eq!(levels[0].max_per_day, Some(i));
+        } else {
+            assert!(levels.is_empty(), "u-{i} has no stored levels: {levels:?}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn preferences_suppress_with_the_right_reason_and_resolve_addresses() {
     let env = TestEnv::new(2).await;
