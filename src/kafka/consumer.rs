@@ -226,6 +226,8 @@ fn tpl_keys(tpl: &TopicPartitionList) -> Vec<PartitionKey> {
 /// One message handed to a lane, with its in-flight permit.
 struct Job {
     message: SourceMessage,
+    /// When the consumer received it.
+    received: Instant,
     _permit: InFlight,
 }
 
@@ -338,8 +340,12 @@ impl RequestConsumer {
                 Some(Ok(m)) => SourceMessage::from_message(&m),
             };
             metrics.in_flight.inc();
+            if let Some(fetched) = age(&message) {
+                handler.timed(RequestStage::Fetch, fetched);
+            }
             let job = Job {
                 message,
+                received: Instant::now(),
                 _permit: InFlight {
                     _permit: permit,
                     metrics: metrics.clone(),
@@ -516,10 +522,8 @@ async fn run_lane(
             }
             g.running += 1;
         }
-        if let Some(queued) = age(&job.message) {
-            handler.timed(RequestStage::Queued, queued);
-        }
         let started = Instant::now();
+        handler.timed(RequestStage::Queued, started - job.received);
         let acks = AckCollector::new();
         let done = process(handler.as_ref(), &job.message, &acks, &state, &shutdown).await;
         let enqueued = Instant::now();
@@ -777,6 +781,7 @@ mod tests {
                     headers: Vec::new(),
                     timestamp_ms: None,
                 },
+                received: Instant::now(),
                 _permit: InFlight {
                     _permit: self.permits.clone().try_acquire_owned().unwrap(),
                     metrics: self.metrics.clone(),

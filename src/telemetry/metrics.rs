@@ -18,9 +18,9 @@ pub struct Metrics {
     /// Provider call duration, by channel and result (`ok`, `retryable`, `permanent`).
     pub send_duration: HistogramVec,
     /// Where a request's time goes (`herald_request_stage_seconds{stage}`),
-    /// one histogram per [`RequestStage`], resolved once: observed three
+    /// one histogram per [`RequestStage`], resolved once: observed four
     /// times per message.
-    pub request_stage: [Histogram; 3],
+    pub request_stage: [Histogram; 4],
     /// Records written to the dead-letter topic, by error code.
     pub dead_letters: IntCounterVec,
     /// Messages received from Kafka and not yet settled.
@@ -121,8 +121,8 @@ impl Metrics {
         let request_stage = HistogramVec::new(
             HistogramOpts::new(
                 "herald_request_stage_seconds",
-                "Time a request spends per stage: queued (record timestamp to lane start), \
-                 process (lane start to durable and events enqueued), ack (events enqueued to \
+                "Time a request spends per stage: fetch (record timestamp to received by \
+                 Herald's consumer), queued (received to lane start), process (lane start to durable and events enqueued), ack (events enqueued to \
                  acknowledged by the broker).",
             )
             .buckets(vec![
@@ -196,16 +196,20 @@ impl Default for Metrics {
 /// The stages of `herald_request_stage_seconds`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestStage {
-    /// Record timestamp → a lane starts it (broker, fetch, lane queue).
-    Queued = 0,
+    /// Record timestamp → Herald's consumer received it (producer linger,
+    /// broker, fetch).
+    Fetch = 0,
+    /// Received → a lane starts it (waiting for the lane and the runtime).
+    Queued = 1,
     /// Lane start → the request is durable and its events are enqueued.
-    Process = 1,
+    Process = 2,
     /// Events enqueued → the broker acknowledged them.
-    Ack = 2,
+    Ack = 3,
 }
 
 impl RequestStage {
-    const ALL: [RequestStage; 3] = [
+    const ALL: [RequestStage; 4] = [
+        RequestStage::Fetch,
         RequestStage::Queued,
         RequestStage::Process,
         RequestStage::Ack,
@@ -213,6 +217,7 @@ impl RequestStage {
 
     fn label(self) -> &'static str {
         match self {
+            RequestStage::Fetch => "fetch",
             RequestStage::Queued => "queued",
             RequestStage::Process => "process",
             RequestStage::Ack => "ack",

@@ -132,7 +132,7 @@ async fn email_request_is_delivered_over_smtp_and_reported_sent() {
         metrics.contains("herald_send_duration_seconds_bucket"),
         "{metrics}"
     );
-    for stage in ["queued", "process"] {
+    for stage in ["fetch", "queued", "process"] {
         assert!(
             metrics.contains(&format!(
                 "herald_request_stage_seconds_count{{stage=\"{stage}\"}} 1"
