@@ -328,6 +328,12 @@ impl TopicReader {
                         partition: m.partition(),
                     });
                 }
+                // The connection dropped (a fault test stopped the broker):
+                // librdkafka reconnects and resumes from its position.
+                Some(Err(e)) if is_transient(&e) => {
+                    eprintln!("reader: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 Some(Err(e)) => panic!("reader error: {e}"),
                 None => tokio::time::sleep(Duration::from_millis(20)).await,
             }
@@ -766,4 +772,13 @@ pub async fn post_twilio(
         body.into_bytes(),
     )
     .await
+}
+
+/// A consumer error librdkafka recovers from by itself (lost connection).
+fn is_transient(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::{AllBrokersDown, BrokerTransportFailure};
+    matches!(
+        e.rdkafka_error_code(),
+        Some(BrokerTransportFailure | AllBrokersDown)
+    )
 }
