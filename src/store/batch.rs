@@ -1,12 +1,14 @@
-//! Write coalescing: concurrent claims and `finish_attempt` calls are each
-//! gathered into one multi-row statement (`UNNEST` arrays), so under load the
-//! database sees a few statements per poll rather than one round trip per
-//! notification.
+//! Statement coalescing: concurrent claims, `finish_attempt` calls and
+//! preference lookups are each gathered into one multi-row statement
+//! (`UNNEST` arrays), so under load the database sees a few statements per
+//! poll rather than one round trip per notification.
 //!
 //! Callers still await their own result; nothing is acknowledged before its
 //! row is written. A batch is whatever queued while the previous one ran (no
-//! timer), so a lone write is not delayed.
+//! timer), so a lone write is not delayed. [`Coalescer`] is the mechanism;
+//! the claim and finish statements are below, the lookup in `preferences`.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -29,55 +31,79 @@ pub(super) struct FinishJob {
     pub result: AttemptResult,
     /// The outcome event, serialized (PostgreSQL parses it into `jsonb`).
     pub event: String,
-    pub done: oneshot::Sender<Result<(), StoreError>>,
+    pub done: Reply<()>,
 }
 
-/// Handle to the writer tasks.
-#[derive(Clone)]
-pub(super) struct FinishBatcher {
-    tx: mpsc::UnboundedSender<FinishJob>,
+/// Where a job's answer goes.
+pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// A queue in front of [`WRITERS`] tasks, each taking whatever queued as one
+/// batch and answering every job of it. The tasks end when every handle is
+/// dropped.
+pub(super) struct Coalescer<J> {
+    tx: mpsc::UnboundedSender<J>,
+    /// Names the tasks in errors ("claim writer").
+    name: &'static str,
 }
 
-impl FinishBatcher {
-    /// Spawns the writer tasks on the current tokio runtime.
-    pub fn start(pool: PgPool) -> FinishBatcher {
+impl<J> Clone for Coalescer<J> {
+    fn clone(&self) -> Self {
+        Coalescer {
+            tx: self.tx.clone(),
+            name: self.name,
+        }
+    }
+}
+
+impl<J: Send + 'static> Coalescer<J> {
+    /// Spawns the tasks on the current tokio runtime; `run` handles one batch.
+    pub fn start<F, Fut>(name: &'static str, run: F) -> Coalescer<J>
+    where
+        F: Fn(Vec<J>) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let (tx, rx) = mpsc::unbounded_channel();
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..WRITERS {
-            tokio::spawn(writer(pool.clone(), rx.clone()));
+            let (rx, run) = (rx.clone(), run.clone());
+            tokio::spawn(async move {
+                while let Some(batch) = next_batch(&rx).await {
+                    run(batch).await;
+                }
+            });
         }
-        FinishBatcher { tx }
+        Coalescer { tx, name }
     }
 
-    /// Queues a write and waits for it.
-    pub async fn finish(
-        &self,
-        id: &str,
-        attempt: i32,
-        result: &AttemptResult,
-        event: &DeliveryStatusEvent,
-    ) -> Result<(), StoreError> {
-        let event = serde_json::to_string(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let (done, wait) = oneshot::channel();
-        let job = FinishJob {
-            id: id.to_string(),
-            attempt,
-            result: result.clone(),
-            event,
-            done,
-        };
+    /// Queues the job `make(reply)` and waits for its answer.
+    pub async fn submit<T>(&self, make: impl FnOnce(Reply<T>) -> J) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
         self.tx
-            .send(job)
-            .map_err(|_| StoreError::Corrupt("the attempt writer stopped".into()))?;
-        wait.await
-            .map_err(|_| StoreError::Corrupt("the attempt writer dropped a write".into()))?
+            .send(make(reply))
+            .map_err(|_| StoreError::Corrupt(format!("the {} stopped", self.name)))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Corrupt(format!("the {} dropped a job", self.name)))?
+    }
+}
+
+/// Answers every job of a batch whose statement failed.
+pub(super) fn fail_all<T>(
+    replies: impl IntoIterator<Item = Reply<T>>,
+    what: &str,
+    e: &dyn std::fmt::Display,
+) {
+    for reply in replies {
+        let _ = reply.send(Err(StoreError::Corrupt(format!(
+            "batched {what} failed: {e}"
+        ))));
     }
 }
 
 /// Waits for the next job, then takes whatever else is queued (up to
 /// [`MAX_BATCH`]); `None` when every sender is gone. The writers share the
 /// receiver, so one of them gathers while the others write.
-pub(super) async fn next_batch<J>(rx: &Mutex<mpsc::UnboundedReceiver<J>>) -> Option<Vec<J>> {
+async fn next_batch<J>(rx: &Mutex<mpsc::UnboundedReceiver<J>>) -> Option<Vec<J>> {
     let mut rx = rx.lock().await;
     let mut batch = vec![rx.recv().await?];
     while batch.len() < MAX_BATCH {
@@ -89,23 +115,42 @@ pub(super) async fn next_batch<J>(rx: &Mutex<mpsc::UnboundedReceiver<J>>) -> Opt
     Some(batch)
 }
 
-async fn writer(pool: PgPool, rx: Arc<Mutex<mpsc::UnboundedReceiver<FinishJob>>>) {
-    loop {
-        let Some(batch) = next_batch(&rx).await else {
-            return;
-        };
-        let (rows, senders) = finish_rows(batch);
-        let result = write(&pool, rows).await;
-        for done in senders {
-            let r = match &result {
-                Ok(()) => Ok(()),
-                Err(e) => Err(StoreError::Corrupt(format!(
-                    "batched attempt write failed: {e}"
-                ))),
-            };
-            let _ = done.send(r);
+/// The attempt writer: finishes go out as one statement per batch.
+pub(super) fn finish_writer(pool: PgPool) -> Coalescer<FinishJob> {
+    Coalescer::start("attempt writer", move |batch| {
+        let pool = pool.clone();
+        async move {
+            let (rows, replies) = finish_rows(batch);
+            match write(&pool, rows).await {
+                Ok(()) => {
+                    for reply in replies {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+                Err(e) => fail_all(replies, "attempt write", &e),
+            }
         }
-    }
+    })
+}
+
+/// Queues the finish of `attempt` of `id` and waits for it.
+pub(super) async fn finish(
+    writer: &Coalescer<FinishJob>,
+    id: &str,
+    attempt: i32,
+    result: &AttemptResult,
+    event: &DeliveryStatusEvent,
+) -> Result<(), StoreError> {
+    let event = serde_json::to_string(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    writer
+        .submit(|done| FinishJob {
+            id: id.to_string(),
+            attempt,
+            result: result.clone(),
+            event,
+            done,
+        })
+        .await
 }
 
 /// The columns of one finish statement, moved out of the jobs (no copies).
@@ -123,9 +168,7 @@ struct FinishRows {
     events: Vec<String>,
 }
 
-type FinishSender = oneshot::Sender<Result<(), StoreError>>;
-
-fn finish_rows(batch: Vec<FinishJob>) -> (FinishRows, Vec<FinishSender>) {
+fn finish_rows(batch: Vec<FinishJob>) -> (FinishRows, Vec<Reply<()>>) {
     let mut rows = FinishRows::default();
     let mut senders = Vec::with_capacity(batch.len());
     for j in batch {
@@ -210,74 +253,35 @@ pub(super) struct ClaimJob {
     pub expires_at: Option<DateTime<Utc>>,
     /// `true` when this claim inserted the row (it owns it), `false` when a
     /// row with the id existed.
-    pub done: oneshot::Sender<Result<bool, StoreError>>,
+    pub done: Reply<bool>,
 }
 
-/// Handle to the claim writer tasks.
-#[derive(Clone)]
-pub(super) struct ClaimBatcher {
-    tx: mpsc::UnboundedSender<ClaimJob>,
-}
-
-impl ClaimBatcher {
-    /// Spawns the writer tasks on the current tokio runtime; a `sending`
-    /// claim holds its send lease for `send_lease`.
-    pub fn start(pool: PgPool, send_lease: std::time::Duration) -> ClaimBatcher {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..WRITERS {
-            tokio::spawn(claim_writer(pool.clone(), rx.clone(), send_lease));
-        }
-        ClaimBatcher { tx }
-    }
-
-    /// Queues a claim and waits for it: `true` when the row was inserted.
-    pub async fn claim(
-        &self,
-        job: impl FnOnce(oneshot::Sender<Result<bool, StoreError>>) -> ClaimJob,
-    ) -> Result<bool, StoreError> {
-        let (done, wait) = oneshot::channel();
-        self.tx
-            .send(job(done))
-            .map_err(|_| StoreError::Corrupt("the claim writer stopped".into()))?;
-        wait.await
-            .map_err(|_| StoreError::Corrupt("the claim writer dropped a claim".into()))?
-    }
-}
-
-async fn claim_writer(
-    pool: PgPool,
-    rx: Arc<Mutex<mpsc::UnboundedReceiver<ClaimJob>>>,
-    send_lease: std::time::Duration,
-) {
-    loop {
-        let Some(mut batch) = next_batch(&rx).await else {
-            return;
-        };
-        // The same id twice in one statement would report both as inserted:
-        // later copies go in a statement of their own, after the first.
-        while !batch.is_empty() {
-            let mut seen = std::collections::HashSet::new();
-            let (round, later): (Vec<ClaimJob>, Vec<ClaimJob>) =
-                batch.into_iter().partition(|j| seen.insert(j.id.clone()));
-            batch = later;
-            let (rows, senders) = claim_rows(round);
-            match write_claims(&pool, rows, send_lease).await {
-                Ok(inserted) => {
-                    for (id, done) in senders {
-                        let _ = done.send(Ok(inserted.contains(&id)));
+/// The claim writer: claims go out as one statement per batch; a `sending`
+/// claim holds its send lease for `send_lease`.
+pub(super) fn claim_writer(pool: PgPool, send_lease: std::time::Duration) -> Coalescer<ClaimJob> {
+    Coalescer::start("claim writer", move |mut batch: Vec<ClaimJob>| {
+        let pool = pool.clone();
+        async move {
+            // The same id twice in one statement would report both as
+            // inserted: later copies go in a statement of their own, after
+            // the first.
+            while !batch.is_empty() {
+                let mut seen = std::collections::HashSet::new();
+                let (round, later): (Vec<ClaimJob>, Vec<ClaimJob>) =
+                    batch.into_iter().partition(|j| seen.insert(j.id.clone()));
+                batch = later;
+                let (rows, replies) = claim_rows(round);
+                match write_claims(&pool, rows, send_lease).await {
+                    Ok(inserted) => {
+                        for (id, reply) in replies {
+                            let _ = reply.send(Ok(inserted.contains(&id)));
+                        }
                     }
-                }
-                Err(e) => {
-                    for (_, done) in senders {
-                        let _ = done.send(Err(StoreError::Corrupt(format!(
-                            "batched claim failed: {e}"
-                        ))));
-                    }
+                    Err(e) => fail_all(replies.into_iter().map(|(_, r)| r), "claim", &e),
                 }
             }
         }
-    }
+    })
 }
 
 /// The columns of one claim statement, moved out of the jobs.
@@ -302,9 +306,7 @@ struct ClaimRows {
     expires: Vec<Option<DateTime<Utc>>>,
 }
 
-type ClaimSender = oneshot::Sender<Result<bool, StoreError>>;
-
-fn claim_rows(round: Vec<ClaimJob>) -> (ClaimRows, Vec<(String, ClaimSender)>) {
+fn claim_rows(round: Vec<ClaimJob>) -> (ClaimRows, Vec<(String, Reply<bool>)>) {
     let mut rows = ClaimRows::default();
     let mut senders = Vec::with_capacity(round.len());
     for j in round {

@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use sqlx::types::Json;
 
 use super::StoreError;
-use super::batch::{ClaimBatcher, ClaimJob, FinishBatcher};
+use super::batch::{self, ClaimJob, Coalescer, FinishJob};
 use crate::domain::{DeliveryStatusEvent, ErrorInfo, Notification, Status};
 
 /// What [`NotificationStore::claim`] found.
@@ -44,17 +44,17 @@ pub struct NotificationStore {
     /// can take); a redelivery may take the send over only after it.
     send_lease: std::time::Duration,
     /// Coalesces attempt-finishing writes.
-    finisher: FinishBatcher,
+    finisher: Coalescer<FinishJob>,
     /// Coalesces claims.
-    claims: ClaimBatcher,
+    claims: Coalescer<ClaimJob>,
 }
 
 impl NotificationStore {
     /// Creates the store; must be called inside a tokio runtime (it spawns
     /// the batched writers).
     pub fn new(pool: PgPool, send_lease: std::time::Duration) -> Self {
-        let finisher = FinishBatcher::start(pool.clone());
-        let claims = ClaimBatcher::start(pool.clone(), send_lease);
+        let finisher = batch::finish_writer(pool.clone());
+        let claims = batch::claim_writer(pool.clone(), send_lease);
         NotificationStore {
             pool,
             send_lease,
@@ -86,7 +86,7 @@ impl NotificationStore {
         let attempts: i32 = if status == Status::Sending { 1 } else { 0 };
         let inserted = self
             .claims
-            .claim(|done| ClaimJob {
+            .submit(|done| ClaimJob {
                 id: n.id.clone(),
                 request_id: n.request_id.clone(),
                 tenant_id: n.tenant_id.clone(),
@@ -232,7 +232,7 @@ impl NotificationStore {
         result: &AttemptResult,
         event: &DeliveryStatusEvent,
     ) -> Result<(), StoreError> {
-        self.finisher.finish(id, attempt, result, event).await
+        batch::finish(&self.finisher, id, attempt, result, event).await
     }
 
     /// Status and attempt count of a notification (for tests and the CLI).

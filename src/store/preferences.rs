@@ -4,26 +4,22 @@
 
 use std::sync::{Arc, OnceLock};
 
+use super::StoreError;
+use super::batch::{Coalescer, Reply, fail_all};
+use crate::domain::Channel;
+use crate::policy::preferences::PreferenceRecord;
 use chrono::{DateTime, NaiveTime, Utc};
 use sqlx::PgPool;
 use sqlx::types::Json;
-use tokio::sync::{Mutex, mpsc, oneshot};
-
-use super::StoreError;
-use super::batch::next_batch;
-use crate::domain::Channel;
-use crate::policy::preferences::PreferenceRecord;
 
 /// Repository of recipient preferences.
 #[derive(Clone)]
 pub struct PreferenceStore {
     pool: PgPool,
-    /// Coalesces concurrent [`PreferenceStore::lookup`]s; started on first use.
-    lookups: Arc<OnceLock<mpsc::UnboundedSender<LookupJob>>>,
+    /// Coalesces concurrent [`PreferenceStore::lookup`]s; started on first
+    /// use (the API builds stores that never look up).
+    lookups: Arc<OnceLock<Coalescer<LookupJob>>>,
 }
-
-/// Lookup statements run at once (each holds one pooled connection).
-const LOOKUP_WRITERS: usize = 2;
 
 /// What [`PreferenceStore::lookup`] answers: the levels, most specific
 /// first, and whether the address is suppressed (`None`: not asked).
@@ -35,7 +31,7 @@ struct LookupJob {
     user_id: String,
     channel: Channel,
     address: Option<String>,
-    done: oneshot::Sender<Result<LookupAnswer, StoreError>>,
+    done: Reply<LookupAnswer>,
 }
 
 type Row = (
@@ -123,27 +119,16 @@ impl PreferenceStore {
         channel: Channel,
         address: Option<&str>,
     ) -> Result<LookupAnswer, StoreError> {
-        let tx = self.lookups.get_or_init(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let rx = Arc::new(Mutex::new(rx));
-            for _ in 0..LOOKUP_WRITERS {
-                tokio::spawn(lookup_writer(self.pool.clone(), rx.clone()));
-            }
-            tx
-        });
-        let (done, wait) = oneshot::channel();
-        let job = LookupJob {
-            tenant_id: tenant_id.to_string(),
-            user_id: user_id.to_string(),
-            channel,
-            address: address.map(str::to_string),
-            done,
-        };
-        tx.send(job)
-            .map_err(|_| StoreError::Corrupt("the preference lookup task stopped".into()))?;
-        wait.await.map_err(|_| {
-            StoreError::Corrupt("the preference lookup task dropped a lookup".into())
-        })?
+        let lookups = self.lookups.get_or_init(|| lookup_task(self.pool.clone()));
+        lookups
+            .submit(|done| LookupJob {
+                tenant_id: tenant_id.to_string(),
+                user_id: user_id.to_string(),
+                channel,
+                address: address.map(str::to_string),
+                done,
+            })
+            .await
     }
 
     /// Every stored record of (tenant, user), one per channel.
@@ -277,25 +262,21 @@ impl PreferenceStore {
     }
 }
 
-/// Answers queued lookups, a batch per statement, until every store is gone.
-async fn lookup_writer(pool: PgPool, rx: Arc<Mutex<mpsc::UnboundedReceiver<LookupJob>>>) {
-    while let Some(batch) = next_batch(&rx).await {
-        match lookup_batch(&pool, &batch).await {
-            Ok(answers) => {
-                for (job, answer) in batch.into_iter().zip(answers) {
-                    let _ = job.done.send(Ok(answer));
+/// Answers queued lookups, one statement per batch.
+fn lookup_task(pool: PgPool) -> Coalescer<LookupJob> {
+    Coalescer::start("preference lookup task", move |batch: Vec<LookupJob>| {
+        let pool = pool.clone();
+        async move {
+            match lookup_batch(&pool, &batch).await {
+                Ok(answers) => {
+                    for (job, answer) in batch.into_iter().zip(answers) {
+                        let _ = job.done.send(Ok(answer));
+                    }
                 }
-            }
-            Err(e) => {
-                let message = e.to_string();
-                for job in batch {
-                    let _ = job.done.send(Err(StoreError::Corrupt(format!(
-                        "batched preference lookup failed: {message}"
-                    ))));
-                }
+                Err(e) => fail_all(batch.into_iter().map(|j| j.done), "preference lookup", &e),
             }
         }
-    }
+    })
 }
 
 /// One statement for the whole batch; answers in the batch's order.
