@@ -433,11 +433,11 @@ pub(crate) fn check_required(channel: Channel, c: &RenderedContent) -> Result<()
     }
 }
 
-/// Puts a rendered field in place; a subject is trimmed and must be one line.
 /// What minijinja would render `source` to when it holds no template syntax
 /// at all (no `{{`, `{%` or `{#`): the text itself, less one trailing line
-/// break (`\r\n`, `\n` or `\r`: minijinja's default). `None` when it must be rendered for real, or
-/// is longer than `limit` (rendering reports that error).
+/// break (`\r\n`, `\n` or `\r`: minijinja's default). `None` when it must
+/// be rendered for real, or is longer than `limit` (rendering reports that
+/// error).
 fn literal_output(source: &str, limit: usize) -> Option<&str> {
     if source.len() > limit || ["{{", "{%", "{#"].iter().any(|d| source.contains(d)) {
         return None;
@@ -449,6 +449,7 @@ fn literal_output(source: &str, limit: usize) -> Option<&str> {
     Some(s)
 }
 
+/// Puts a rendered field in place; a subject is trimmed and must be one line.
 pub(crate) fn store_part(
     out: &mut RenderedContent,
     part: Part,
@@ -886,6 +887,8 @@ fn money(amount: Value, currency: String) -> Result<String, minijinja::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::{EmailAddress, Meta, Priority, Recipient};
+    use std::path::PathBuf;
 
     /// The plain-text shortcut must give exactly what minijinja renders.
     #[test]
@@ -925,8 +928,6 @@ mod tests {
         }
         assert_eq!(literal_output("too long", 3), None);
     }
-    use crate::domain::{EmailAddress, Meta, Priority, Recipient};
-    use std::path::PathBuf;
 
     fn settings(dir: PathBuf) -> TemplateSettings {
         TemplateSettings {

@@ -122,8 +122,9 @@ impl Metrics {
             HistogramOpts::new(
                 "herald_request_stage_seconds",
                 "Time a request spends per stage: fetch (record timestamp to received by \
-                 Herald's consumer), queued (received to lane start), process (lane start to durable and events enqueued), ack (events enqueued to \
-                 acknowledged by the broker).",
+                 Herald's consumer), queued (received to lane start), process (lane start to \
+                 durable and events enqueued), ack (events enqueued to acknowledged by the \
+                 broker).",
             )
             .buckets(vec![
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
