@@ -22,6 +22,9 @@ use crate::policy::Policy;
 use crate::policy::preferences::decode_update;
 use crate::telemetry::Metrics;
 
+/// How long the broker may hold an empty fetch of the preference topic.
+const PREFERENCE_FETCH_WAIT_MS: u32 = 500;
+
 /// Creates the consumer for `topic`, subscribed.
 pub fn consumer(
     settings: &KafkaSettings,
@@ -32,6 +35,11 @@ pub fn consumer(
     if let Some(id) = &settings.group_instance_id {
         cfg.set("group.instance.id", format!("{id}.preferences"));
     }
+    // Preference updates are rare and a few hundred milliseconds late is
+    // fine; the request consumer's 5 ms wait here would keep the broker
+    // answering ~200 empty fetches a second per partition for nothing.
+    cfg.set("fetch.wait.max.ms", PREFERENCE_FETCH_WAIT_MS.to_string());
+    super::apply_overrides(&mut cfg, settings, false);
     let c: StreamConsumer = cfg.create()?;
     c.subscribe(&[topic])?;
     Ok(c)
