@@ -424,7 +424,9 @@ pub async fn passthrough(
                 .set("bootstrap.servers", &b)
                 .set("group.id", format!("bench-pt-{}", uuid::Uuid::new_v4()))
                 .set("auto.offset.reset", "earliest")
-                .set("fetch.wait.max.ms", "5")
+                // Herald's own consumer setting, so the baseline differs
+                // from Herald only in the work done per message.
+                .set("fetch.wait.max.ms", crate::kafka::FETCH_WAIT_MS.to_string())
                 .create()?;
             consumer.subscribe(&[&input])?;
             let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()

@@ -89,8 +89,18 @@ fn is_consumer_only(key: &str) -> bool {
         || key.starts_with("isolation.")
 }
 
+/// How long a fetch of the request topics may wait, in milliseconds.
+///
+/// A Kafka broker answers a fetch as soon as data is there, so this only
+/// bounds idle polling. The local broker (tansu 0.6) holds every fetch for
+/// the whole wait, data or not, so it is also the latency of each hop: 5 ms
+/// kept it polling so hard that at 2,000 requests/s the machine could not
+/// keep up (p99 3.3 s), 50 ms keeps up (p99 ~0.5 s) at +~70 ms p50 under
+/// light load (BENCHMARKS.md). The bench's pass-through uses it too.
+pub const FETCH_WAIT_MS: u32 = 50;
+
 /// Consumer configuration: manual offset store, periodic auto-commit of
-/// stored offsets, small fetch wait (the local broker needs it for latency).
+/// stored offsets, [`FETCH_WAIT_MS`] of fetch wait.
 /// The 45 s session timeout (Kafka's default) rides out short broker outages
 /// and slow coordinator answers: the local broker (tansu 0.6) never hands
 /// partitions back to a member whose session expired (docs/faults.md).
@@ -104,7 +114,7 @@ pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
         )
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "5")
+        .set("fetch.wait.max.ms", FETCH_WAIT_MS.to_string())
         .set("session.timeout.ms", "45000")
         .set("heartbeat.interval.ms", "1000")
         .set("max.poll.interval.ms", "300000")

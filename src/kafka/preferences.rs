@@ -36,8 +36,8 @@ pub fn consumer(
         cfg.set("group.instance.id", format!("{id}.preferences"));
     }
     // Preference updates are rare and a few hundred milliseconds late is
-    // fine; the request consumer's 5 ms wait here would keep the broker
-    // answering ~200 empty fetches a second per partition for nothing.
+    // fine; the request consumer's shorter wait here would keep the broker
+    // answering empty fetches many times a second for nothing.
     cfg.set("fetch.wait.max.ms", PREFERENCE_FETCH_WAIT_MS.to_string());
     super::apply_overrides(&mut cfg, settings, false);
     let c: StreamConsumer = cfg.create()?;
