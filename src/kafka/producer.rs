@@ -120,19 +120,11 @@ impl OutcomePublisher for KafkaPublisher {
     async fn publish_outcome(&self, event: &DeliveryStatusEvent) -> Result<(), PublishError> {
         let payload = serde_json::to_vec(event)?;
         let key = event.notification_id.as_deref().unwrap_or(&event.event_id);
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "content-type",
-                value: Some("application/json"),
-            })
-            .insert(Header {
-                key: "herald-event-id",
-                value: Some(event.event_id.as_str()),
-            });
+        // No headers: everything is in the value, and a broker that stores
+        // headers as rows (tansu) pays an insert per header per event.
         let record = FutureRecord::to(&self.outcome_topic)
             .key(key)
-            .payload(&payload)
-            .headers(headers);
+            .payload(&payload);
         let ack = self.enqueue(record).await?;
         acks::route(AckKind::Outcome, ack).await
     }
