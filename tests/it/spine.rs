@@ -72,13 +72,14 @@ async fn email_request_is_delivered_over_smtp_and_reported_sent() {
     assert_eq!(e["provider"], "smtp");
     assert_eq!(e["attempt"], 1);
     assert_eq!(e["correlation_id"], "corr-1");
-    // outcome keyed by notification id
+    // outcome keyed by notification id, no headers (schemas/README.md)
     let rec = outcomes
         .records
         .iter()
         .find(|r| r.json()["notification_id"] == id.as_str())
         .expect("record");
     assert_eq!(rec.key.as_deref(), Some(id.as_str()));
+    assert!(rec.headers.is_empty(), "{:?}", rec.headers);
 
     let messages = sink.messages();
     assert_eq!(messages.len(), 1, "exactly one message at the SMTP sink");
