@@ -131,6 +131,9 @@ pub struct WebhookSettings {
     pub allow_private_targets: bool,
     /// Largest response body read (bytes); the rest is discarded.
     pub max_response_bytes: usize,
+    /// Most requests in flight to one host (host and port) at once; more
+    /// wait for a free one. Also the idle connections kept per host.
+    pub max_connections_per_host: usize,
 }
 
 /// Template settings.
@@ -311,6 +314,7 @@ signing_secret = "change-me"
 timeout_ms = 5000
 allow_private_targets = false
 max_response_bytes = 65536
+max_connections_per_host = 128
 
 [templates]
 dir = "templates"
@@ -448,6 +452,9 @@ impl Settings {
         }
         if self.smtp.pool_size == 0 {
             return bad("smtp.pool_size must be at least 1");
+        }
+        if self.webhook.max_connections_per_host == 0 {
+            return bad("webhook.max_connections_per_host must be at least 1");
         }
         if self.webhook.signing_secret.expose_secret().is_empty() {
             return bad("webhook.signing_secret must not be empty");

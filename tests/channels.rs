@@ -497,6 +497,77 @@ async fn webhook_posts_signed_json() {
     assert!(chrono::DateTime::parse_from_rfc3339(json["occurred_at"].as_str().unwrap()).is_ok());
 }
 
+/// Requests a receiver holds at once: now, and the most seen.
+#[derive(Clone, Default)]
+struct InFlight {
+    now: Arc<std::sync::atomic::AtomicUsize>,
+    max: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl InFlight {
+    fn enter(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = self.now.fetch_add(1, SeqCst) + 1;
+        self.max.fetch_max(n, SeqCst);
+    }
+    fn leave(&self) {
+        self.now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn max(&self) -> usize {
+        self.max.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A receiver that holds every request 100 ms, counting its own and all
+/// receivers' requests in flight.
+async fn slow_receiver(all: InFlight) -> (SocketAddr, InFlight) {
+    let mine = InFlight::default();
+    async fn slow(State((mine, all)): State<(InFlight, InFlight)>) -> StatusCode {
+        mine.enter();
+        all.enter();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        mine.leave();
+        all.leave();
+        StatusCode::OK
+    }
+    let app = Router::new()
+        .route("/slow", post(slow))
+        .with_state((mine.clone(), all));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (addr, mine)
+}
+
+#[tokio::test]
+async fn webhook_caps_requests_in_flight_per_host() {
+    let all = InFlight::default();
+    let (a, at_a) = slow_receiver(all.clone()).await;
+    let (b, at_b) = slow_receiver(all.clone()).await;
+    let mut settings = webhook_settings(true);
+    settings.timeout_ms = 5_000;
+    settings.max_connections_per_host = 3;
+    let adapter = WebhookAdapter::new(&settings).unwrap();
+    let sends: Vec<_> = (0..24)
+        .map(|i| {
+            let host = if i % 2 == 0 { a } else { b };
+            webhook_notification(&format!("cap-{i}"), &format!("http://{host}/slow"))
+        })
+        .collect();
+    let c = content();
+    let results = futures::future::join_all(sends.iter().map(|n| adapter.send(n, &c))).await;
+    for r in &results {
+        assert!(r.is_ok(), "{r:?}");
+    }
+    // 12 requests per receiver, never more than 3 at once at either; the
+    // cap is per host, so both ran 3 at the same time.
+    assert_eq!(at_a.max(), 3);
+    assert_eq!(at_b.max(), 3);
+    assert!(all.max() > 3, "per host, not global: {}", all.max());
+}
+
 #[tokio::test]
 async fn webhook_omits_null_fields() {
     let (addr, rec) = hook_server().await;

@@ -7,8 +7,9 @@
 //! resolver that enforces it for host names, and the mapping of HTTP results
 //! to [`SendError`]s.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,6 +21,7 @@ use reqwest::{StatusCode, Url};
 use secrecy::{ExposeSecret, SecretSlice};
 use serde::Serialize;
 use sha2::Sha256;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{ChannelAdapter, SendError, SendReceipt, http};
 use crate::config::WebhookSettings;
@@ -76,6 +78,8 @@ pub struct WebhookAdapter {
     block_private: bool,
     /// Largest response body read; the rest is discarded.
     max_response_bytes: usize,
+    /// Turns per receiver host (`webhook.max_connections_per_host`).
+    hosts: HostLimits,
 }
 
 impl std::fmt::Debug for WebhookAdapter {
@@ -88,6 +92,65 @@ impl std::fmt::Debug for WebhookAdapter {
     }
 }
 
+/// At most `per_host` requests in flight to one `host:port`; the rest wait
+/// for a turn, at most `wait` (the request timeout). Without it a backlog
+/// opens one connection per in-flight notification to a single receiver
+/// (~800 in the benchmark). With an unbounded wait a hanging receiver would
+/// hold its notifications in memory for `timeout × queue / per_host`; past
+/// `wait` they fail retryable and come back as due retries instead.
+struct HostLimits {
+    per_host: usize,
+    wait: Duration,
+    hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// Past this many hosts, entries nobody waits on or holds are dropped.
+const HOST_LIMIT_ENTRIES: usize = 4096;
+
+impl HostLimits {
+    fn new(per_host: usize, wait: Duration) -> Self {
+        HostLimits {
+            per_host: per_host.max(1),
+            wait,
+            hosts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits for a turn to send to `url`'s host; the turn ends when the
+    /// permit is dropped.
+    async fn turn(&self, url: &Url) -> Result<OwnedSemaphorePermit, SendError> {
+        let host = url.host_str().unwrap_or_default();
+        let key = format!("{host}:{}", url.port_or_known_default().unwrap_or_default());
+        let semaphore = {
+            let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+            if hosts.len() >= HOST_LIMIT_ENTRIES && !hosts.contains_key(&key) {
+                // Waiters and permit holders keep a clone.
+                hosts.retain(|_, s| Arc::strong_count(s) > 1);
+            }
+            hosts
+                .entry(key)
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_host)))
+                .clone()
+        };
+        match tokio::time::timeout(self.wait, semaphore.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Err(_) => Err(retryable(
+                "http_timeout",
+                format!(
+                    "not sent: {} requests to {host} were in flight for {} ms",
+                    self.per_host,
+                    self.wait.as_millis()
+                ),
+            )),
+            // Never closed; this would be a bug, not the receiver's fault.
+            Ok(Err(_)) => Err(retryable(
+                "provider_unavailable",
+                "webhook host limiter closed".to_string(),
+            )),
+        }
+    }
+}
+
 impl WebhookAdapter {
     /// Builds the adapter and its HTTP client from settings.
     pub fn new(settings: &WebhookSettings) -> Result<Self, WebhookConfigError> {
@@ -97,6 +160,7 @@ impl WebhookAdapter {
             // A proxy would resolve the target itself, bypassing our resolver.
             .no_proxy()
             .timeout(Duration::from_millis(settings.timeout_ms.max(1)))
+            .pool_max_idle_per_host(settings.max_connections_per_host.max(1))
             .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")));
         if !settings.allow_private_targets {
             builder = builder.dns_resolver(Arc::new(PublicOnlyResolver));
@@ -107,6 +171,10 @@ impl WebhookAdapter {
             key: SecretSlice::from(key),
             block_private: !settings.allow_private_targets,
             max_response_bytes: settings.max_response_bytes,
+            hosts: HostLimits::new(
+                settings.max_connections_per_host,
+                Duration::from_millis(settings.timeout_ms.max(1)),
+            ),
         })
     }
 }
@@ -162,6 +230,7 @@ impl WebhookAdapter {
             timeout_ms: config.timeout_ms.unwrap_or(base.timeout_ms),
             allow_private_targets: base.allow_private_targets,
             max_response_bytes: config.max_response_bytes.unwrap_or(base.max_response_bytes),
+            max_connections_per_host: base.max_connections_per_host,
         };
         let mut adapter = WebhookAdapter::new(&settings).map_err(|e| {
             let message = match e {
@@ -378,6 +447,7 @@ impl ChannelAdapter for WebhookAdapter {
             .map_err(|_| http::permanent("invalid_header", "bad signature header"))?;
         headers.insert("webhook-signature", signature);
 
+        let _turn = self.hosts.turn(&url).await?;
         let response = self
             .client
             .post(url)
@@ -577,6 +647,30 @@ mod tests {
 
     fn forbidden(s: &str) -> bool {
         is_forbidden_ip(s.parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_turn_is_per_host_and_waiting_for_one_gives_up_after_the_wait() {
+        let limits = HostLimits::new(1, Duration::from_millis(1000));
+        let a = Url::parse("http://a.example:8080/x").unwrap();
+        let a_other_path = Url::parse("http://a.example:8080/y").unwrap();
+        let a_other_port = Url::parse("http://a.example:8081/x").unwrap();
+        let held = limits.turn(&a).await.unwrap();
+        // Other hosts (ports count) are not held up.
+        let other = limits.turn(&a_other_port).await.unwrap();
+        drop(other);
+        // The same host waits, then gives up retryable without sending.
+        let start = std::time::Instant::now();
+        let e = limits.turn(&a_other_path).await.unwrap_err();
+        assert!(start.elapsed() >= Duration::from_millis(1000));
+        assert_eq!(e.code(), "http_timeout");
+        assert!(e.is_retryable());
+        assert!(e.to_string().contains("not sent"), "{e}");
+        // A waiter gets the turn as soon as it is given back.
+        let waiter = tokio::spawn(async move { limits.turn(&a).await.map(|_| ()) });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(held);
+        waiter.await.unwrap().unwrap();
     }
 
     #[test]
