@@ -48,7 +48,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use chrono::{DateTime, FixedOffset, Offset, Utc};
 use minijinja::value::Value;
@@ -223,7 +223,25 @@ struct Inner {
     default_locale: String,
     /// Cap of each rendered field in bytes.
     max_output_bytes: usize,
+    /// Inline sources compiled before (see [`InlineCache`]).
+    inline: InlineCache,
 }
+
+/// Inline sources with template syntax, compiled once each: most producers
+/// send the same few sources with different data, and compiling took more
+/// CPU than rendering. Each entry is the file environment plus that one
+/// template (a clone shares the file templates), so an insert costs one
+/// compile whatever the cache holds. Only sources up to
+/// [`INLINE_CACHE_SOURCE_BYTES`] are kept, and the map is emptied when it
+/// reaches [`INLINE_CACHE_ENTRIES`], so it stays under ~4 MiB of source.
+#[derive(Default)]
+struct InlineCache {
+    /// Per part (subject, text, html): source → its environment.
+    compiled: Mutex<[HashMap<String, Arc<Environment<'static>>>; 3]>,
+}
+
+const INLINE_CACHE_ENTRIES: usize = 512;
+const INLINE_CACHE_SOURCE_BYTES: usize = 8 * 1024;
 
 impl std::fmt::Debug for FileRenderer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -270,6 +288,7 @@ impl FileRenderer {
                 catalog,
                 default_locale: normalize_locale(&settings.default_locale),
                 max_output_bytes: settings.max_output_bytes,
+                inline: InlineCache::default(),
             }),
         })
     }
@@ -389,16 +408,56 @@ impl FileRenderer {
                 store_part(&mut out, part, plain.to_string())?;
                 continue;
             }
-            let name = format!("inline/{}", part.file_name());
+            let rendered = self.render_inline_part(part, source, &ctx)?;
+            store_part(&mut out, part, rendered)?;
+        }
+        Ok(out)
+    }
+}
+
+impl FileRenderer {
+    /// Renders one inline part, compiled once per distinct source (see
+    /// [`InlineCache`]).
+    fn render_inline_part(
+        &self,
+        part: Part,
+        source: &str,
+        ctx: &Value,
+    ) -> Result<String, RenderError> {
+        let name = format!("inline/{}", part.file_name());
+        let limit = self.inner.max_output_bytes;
+        if source.len() > INLINE_CACHE_SOURCE_BYTES {
             let tmpl = self
                 .inner
                 .env
                 .template_from_named_str(&name, source)
                 .map_err(|e| RenderError::template(describe(&e, false, 0)))?;
-            let rendered = render_capped(&tmpl, &ctx, self.inner.max_output_bytes)?;
-            store_part(&mut out, part, rendered)?;
+            return render_capped(&tmpl, ctx, limit);
         }
-        Ok(out)
+        let cache = &self.inner.inline.compiled;
+        let slot = part as usize;
+        let hit = cache.lock().unwrap_or_else(PoisonError::into_inner)[slot]
+            .get(source)
+            .cloned();
+        let env = match hit {
+            Some(env) => env,
+            None => {
+                let mut env = self.inner.env.clone();
+                env.add_template_owned(name.clone(), source.to_string())
+                    .map_err(|e| RenderError::template(describe(&e, false, 0)))?;
+                let env = Arc::new(env);
+                let mut compiled = cache.lock().unwrap_or_else(PoisonError::into_inner);
+                if compiled.iter().map(HashMap::len).sum::<usize>() >= INLINE_CACHE_ENTRIES {
+                    compiled.iter_mut().for_each(HashMap::clear);
+                }
+                compiled[slot].insert(source.to_string(), env.clone());
+                env
+            }
+        };
+        let tmpl = env
+            .get_template(&name)
+            .map_err(|e| RenderError::template(describe(&e, false, 0)))?;
+        render_capped(&tmpl, ctx, limit)
     }
 }
 
@@ -1032,6 +1091,56 @@ mod tests {
         assert_eq!(out.text.as_deref(), Some("id=n-1 tenant=acme ch=webhook"));
         assert_eq!(out.html, None);
         assert_eq!(out.data, serde_json::json!({}));
+    }
+
+    #[test]
+    fn inline_sources_are_compiled_once_and_rendered_every_time() {
+        let (_d, r) = renderer(&[]);
+        let source = Some("Hi {{ recipient.user_id }}");
+        let html = Some("<b>{{ notification.id }}</b>");
+        let mut n = inline(source, source, html);
+        let first = r.render(&n).unwrap();
+        assert_eq!(first.subject.as_deref(), Some("Hi u-42"));
+        assert_eq!(first.html.as_deref(), Some("<b>n-1</b>"));
+        // Same sources, other data: rendered again from the cached compile.
+        n.id = "<n-2>".into();
+        n.recipient.user_id = Some("u-7".into());
+        let second = r.render(&n).unwrap();
+        assert_eq!(second.subject.as_deref(), Some("Hi u-7"));
+        assert_eq!(second.text.as_deref(), Some("Hi u-7"));
+        // The html part keeps its auto-escaping.
+        assert_eq!(second.html.as_deref(), Some("<b>&lt;n-2&gt;</b>"));
+        let cached: usize = r
+            .inner
+            .inline
+            .compiled
+            .lock()
+            .unwrap()
+            .iter()
+            .map(HashMap::len)
+            .sum();
+        assert_eq!(cached, 3, "subject, text and html, once each");
+        // A syntax error is reported every time, never cached.
+        for _ in 0..2 {
+            let e = err_of(r.render(&inline(Some("{{ oops"), None, None)));
+            assert!(e.message.contains("inline/subject.jinja"), "{e}");
+        }
+        // Past the entry limit the cache starts over instead of growing.
+        for i in 0..INLINE_CACHE_ENTRIES + 10 {
+            let s = format!("{i} {{{{ recipient.user_id }}}}");
+            let out = r.render(&inline(Some(&s), None, None)).unwrap();
+            assert_eq!(out.subject, Some(format!("{i} u-42")));
+        }
+        let cached: usize = r
+            .inner
+            .inline
+            .compiled
+            .lock()
+            .unwrap()
+            .iter()
+            .map(HashMap::len)
+            .sum();
+        assert!(cached <= INLINE_CACHE_ENTRIES, "{cached}");
     }
 
     #[test]
