@@ -1093,6 +1093,12 @@ mod tests {
         assert_eq!(out.data, serde_json::json!({}));
     }
 
+    /// Inline sources `r` holds compiled.
+    fn inline_cached(r: &FileRenderer) -> usize {
+        let compiled = r.inner.inline.compiled.lock().unwrap();
+        compiled.iter().map(HashMap::len).sum()
+    }
+
     #[test]
     fn inline_sources_are_compiled_once_and_rendered_every_time() {
         let (_d, r) = renderer(&[]);
@@ -1110,15 +1116,7 @@ mod tests {
         assert_eq!(second.text.as_deref(), Some("Hi u-7"));
         // The html part keeps its auto-escaping.
         assert_eq!(second.html.as_deref(), Some("<b>&lt;n-2&gt;</b>"));
-        let cached: usize = r
-            .inner
-            .inline
-            .compiled
-            .lock()
-            .unwrap()
-            .iter()
-            .map(HashMap::len)
-            .sum();
+        let cached = inline_cached(&r);
         assert_eq!(cached, 3, "subject, text and html, once each");
         // A syntax error is reported every time, never cached.
         for _ in 0..2 {
@@ -1131,15 +1129,7 @@ mod tests {
             let out = r.render(&inline(Some(&s), None, None)).unwrap();
             assert_eq!(out.subject, Some(format!("{i} u-42")));
         }
-        let cached: usize = r
-            .inner
-            .inline
-            .compiled
-            .lock()
-            .unwrap()
-            .iter()
-            .map(HashMap::len)
-            .sum();
+        let cached = inline_cached(&r);
         assert!(cached <= INLINE_CACHE_ENTRIES, "{cached}");
     }
 
