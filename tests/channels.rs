@@ -257,6 +257,42 @@ async fn smtp_hard_reject_is_permanent_with_server_reply() {
 }
 
 #[tokio::test]
+async fn smtp_relay_without_pipelining_gets_one_command_at_a_time() {
+    // `-p`: smtp-sink does not offer PIPELINING.
+    let sink = SmtpSink::start(&["-p"]);
+    let adapter = SmtpAdapter::new(&sink.settings(1)).unwrap();
+    for i in 0..3 {
+        let n = email_notification(&format!("nopipe-{i}"), "bob@example.com", Meta::default());
+        adapter.send(&n, &content()).await.unwrap();
+    }
+    assert_eq!(sink.wait_for_dumps(3).await.len(), 3);
+
+    let refusing = SmtpSink::start(&["-p", "-f", "RCPT"]);
+    let adapter = SmtpAdapter::new(&refusing.settings(1)).unwrap();
+    let n = email_notification("nopipe-x", "nobody@example.com", Meta::default());
+    for _ in 0..2 {
+        let err = adapter.send(&n, &content()).await.unwrap_err();
+        assert_code(&err, "smtp_permanent", false);
+        assert!(err.message().contains("(5"), "{err:?}");
+    }
+}
+
+#[tokio::test]
+async fn smtp_pipelined_refusal_of_mail_is_permanent_every_time() {
+    // MAIL is refused; the pipelined RCPT and DATA are refused in turn and
+    // their replies read, so the next send on the connection is in step.
+    let sink = SmtpSink::start(&["-f", "MAIL"]);
+    let adapter = SmtpAdapter::new(&sink.settings(1)).unwrap();
+    let n = email_notification("req-mail", "bob@example.com", Meta::default());
+    for _ in 0..3 {
+        let err = adapter.send(&n, &content()).await.unwrap_err();
+        assert_code(&err, "smtp_permanent", false);
+        assert!(err.message().contains("(5"), "{err:?}");
+    }
+    assert!(sink.dumps().is_empty());
+}
+
+#[tokio::test]
 async fn smtp_soft_reject_is_retryable() {
     let sink = SmtpSink::start(&["-r", "DATA"]);
     let adapter = SmtpAdapter::new(&sink.settings(1)).unwrap();

@@ -33,7 +33,7 @@ use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{
     AsyncNetworkStream, AsyncSmtpConnection, AsyncTokioStream, TlsParameters,
 };
-use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 use secrecy::ExposeSecret;
@@ -122,7 +122,7 @@ pub struct SmtpAdapter {
     /// Sender used when a notification has no `meta.from`.
     default_from: Mailbox,
     /// Idle, healthy connections with the time they were last used.
-    idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
+    idle: Mutex<Vec<(Relay, Instant)>>,
     /// One permit per connection: bounds concurrent transactions (and so
     /// open connections) to `pool_size`.
     permits: Semaphore,
@@ -259,32 +259,36 @@ impl SmtpAdapter {
     }
 
     /// Takes a reusable idle connection, closing the ones idle for too long.
-    fn take_idle(&self) -> Option<AsyncSmtpConnection> {
+    fn take_idle(&self) -> Option<Relay> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((conn, since)) = idle.pop() {
-            if !conn.has_broken() && since.elapsed() < MAX_IDLE {
-                return Some(conn);
+        while let Some((relay, since)) = idle.pop() {
+            if !relay.conn.has_broken() && since.elapsed() < MAX_IDLE {
+                return Some(relay);
             }
         }
         None
     }
 
     /// Returns a healthy connection to the pool.
-    fn put_back(&self, conn: AsyncSmtpConnection) {
-        if conn.has_broken() {
+    fn put_back(&self, relay: Relay) {
+        if relay.conn.has_broken() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.push((conn, Instant::now()));
+        idle.push((relay, Instant::now()));
     }
 
-    /// Runs one SMTP transaction on `conn` with a timeout on every command.
+    /// Runs one SMTP transaction on `relay` with a timeout on every command.
+    /// When the relay offers PIPELINING (RFC 2920), MAIL, every RCPT and DATA
+    /// go out in one write and their replies are read after it: two round
+    /// trips per message instead of three plus one per recipient.
     async fn transact(
         &self,
-        conn: &mut AsyncSmtpConnection,
+        relay: &mut Relay,
         envelope: &Envelope,
         email: &[u8],
     ) -> Result<Response, TxError> {
+        let conn = &mut relay.conn;
         let mut params = Vec::new();
         let non_ascii_addresses = envelope
             .from()
@@ -308,33 +312,66 @@ impl SmtpAdapter {
             params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
         }
         let t = self.timeout;
-        step(
-            t,
-            Stage::MailFrom,
-            conn.command(Mail::new(envelope.from().cloned(), params)),
-        )
-        .await?;
-        for rcpt in envelope.to() {
-            step(
-                t,
-                Stage::Later,
-                conn.command(Rcpt::new(rcpt.clone(), vec![])),
-            )
-            .await?;
+        let mail = Mail::new(envelope.from().cloned(), params);
+        if relay.pipelining {
+            let group = Pipelined {
+                mail,
+                rcpts: envelope
+                    .to()
+                    .iter()
+                    .map(|a| Rcpt::new(a.clone(), vec![]))
+                    .collect(),
+            };
+            // The reply to MAIL, then one per RCPT and one to DATA: all are
+            // read, whatever they say, so the session stays in step.
+            let mut failed = match step(t, Stage::MailFrom, conn.command(&group)).await {
+                Ok(_) => None,
+                // No reply at all, or 421 (a stale connection, a timeout):
+                // give up on this session as the one-at-a-time path does.
+                Err(e) if !e.is_reply() || e.is_stale_connection() => return Err(e),
+                Err(e) => Some(e),
+            };
+            for _ in &group.rcpts {
+                let reply = step(t, Stage::Later, conn.read_response()).await;
+                keep_first_refusal(reply, &mut failed)?;
+            }
+            let data = step(t, Stage::Later, conn.read_response()).await;
+            let data_accepted = data.is_ok();
+            keep_first_refusal(data, &mut failed)?;
+            if let Some(e) = failed {
+                // DATA was accepted although MAIL or a RCPT was refused: the
+                // relay now reads message text, and the only way out that
+                // delivers nothing is to drop the connection.
+                return Err(if data_accepted {
+                    TxError::Abandoned(Box::new(e))
+                } else {
+                    e
+                });
+            }
+        } else {
+            step(t, Stage::MailFrom, conn.command(mail)).await?;
+            for rcpt in envelope.to() {
+                step(
+                    t,
+                    Stage::Later,
+                    conn.command(Rcpt::new(rcpt.clone(), vec![])),
+                )
+                .await?;
+            }
+            step(t, Stage::Later, conn.command(Data)).await?;
         }
-        step(t, Stage::Later, conn.command(Data)).await?;
         step(t, Stage::Later, conn.message(email)).await
     }
 
     /// After a negative reply the connection is still in sync: reset it and
     /// keep it, or drop it if the reset fails.
-    async fn reset_and_keep(&self, mut conn: AsyncSmtpConnection) {
+    async fn reset_and_keep(&self, mut relay: Relay) {
         let ok = matches!(
-            tokio::time::timeout(self.timeout, conn.command("RSET\r\n")).await,
+            tokio::time::timeout(self.timeout, relay.conn.command("RSET\r\n")).await,
             Ok(Ok(_))
         );
         if ok {
-            self.put_back(conn);
+            self.put_back(relay);
         }
     }
 }
@@ -357,6 +394,9 @@ enum TxError {
     Timeout,
     /// The message needs an extension the relay does not offer.
     Unsupported(&'static str),
+    /// A refusal after which the session cannot be reset (pipelined DATA
+    /// was accepted): the connection must be dropped.
+    Abandoned(Box<TxError>),
 }
 
 impl TxError {
@@ -383,8 +423,56 @@ impl TxError {
             TxError::Smtp(_, e) => classify_transaction_error(&e),
             TxError::Timeout => retryable("smtp_timeout", "SMTP command timed out".into()),
             TxError::Unsupported(m) => permanent("smtp_unsupported", m.into()),
+            TxError::Abandoned(e) => e.into_send_error(),
         }
     }
+}
+
+/// Records the first refusal among pipelined replies; fails at once when a
+/// reply did not come (the session is gone).
+fn keep_first_refusal(
+    reply: Result<Response, TxError>,
+    failed: &mut Option<TxError>,
+) -> Result<(), TxError> {
+    match reply {
+        Ok(_) => Ok(()),
+        Err(e) if !e.is_reply() => Err(e),
+        Err(e) => {
+            failed.get_or_insert(e);
+            Ok(())
+        }
+    }
+}
+
+/// Whether an EHLO reply lists the PIPELINING keyword (RFC 2920).
+fn offers_pipelining(ehlo: &Response) -> bool {
+    ehlo.message().any(|line| {
+        line.split_whitespace()
+            .next()
+            .is_some_and(|k| k.eq_ignore_ascii_case("PIPELINING"))
+    })
+}
+
+/// MAIL, every RCPT and DATA as one write (PIPELINING).
+struct Pipelined {
+    mail: Mail,
+    rcpts: Vec<Rcpt>,
+}
+
+impl std::fmt::Display for Pipelined {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.mail)?;
+        for rcpt in &self.rcpts {
+            write!(f, "{rcpt}")?;
+        }
+        write!(f, "{Data}")
+    }
+}
+
+/// A relay connection and whether the relay offered PIPELINING.
+struct Relay {
+    conn: AsyncSmtpConnection,
+    pipelining: bool,
 }
 
 /// Awaits one SMTP command with a timeout.
@@ -448,7 +536,7 @@ where
 impl Connector {
     /// Opens a connection: TCP (no Nagle), optional implicit TLS, greeting +
     /// EHLO, optional STARTTLS, optional AUTH.
-    async fn connect(&self) -> Result<AsyncSmtpConnection, SendError> {
+    async fn connect(&self) -> Result<Relay, SendError> {
         let t = self.timeout;
         let tcp = with_timeout(t, "SMTP connect", async {
             TcpStream::connect((self.host.as_str(), self.port))
@@ -509,7 +597,16 @@ impl Connector {
             })
             .await?;
         }
-        Ok(conn)
+        // lettre keeps only the EHLO keywords it uses itself, so ask again
+        // for PIPELINING (one round trip per new connection).
+        let ehlo = with_timeout(t, "SMTP EHLO", async {
+            conn.command(Ehlo::new(self.hello.clone()))
+                .await
+                .map_err(|e| classify_connect_error("smtp_connect", &e))
+        })
+        .await?;
+        let pipelining = offers_pipelining(&ehlo);
+        Ok(Relay { conn, pipelining })
     }
 }
 
@@ -538,27 +635,27 @@ impl ChannelAdapter for SmtpAdapter {
             .await
             .map_err(|_| retryable("smtp_connect", "SMTP adapter is shut down".into()))?;
 
-        let (mut conn, reused) = match self.take_idle() {
-            Some(c) => (c, true),
+        let (mut relay, reused) = match self.take_idle() {
+            Some(r) => (r, true),
             None => (self.connector.connect().await?, false),
         };
-        let mut result = self.transact(&mut conn, &envelope, &email).await;
+        let mut result = self.transact(&mut relay, &envelope, &email).await;
         if reused && matches!(&result, Err(e) if e.is_stale_connection()) {
             tracing::debug!("idle SMTP connection was closed by the relay; reconnecting");
-            conn = self.connector.connect().await?;
-            result = self.transact(&mut conn, &envelope, &email).await;
+            relay = self.connector.connect().await?;
+            result = self.transact(&mut relay, &envelope, &email).await;
         }
         match result {
             Ok(response) => {
-                self.put_back(conn);
+                self.put_back(relay);
                 Ok(SendReceipt {
                     provider: self.provider.clone(),
                     provider_message_id: Some(queue_id(&response).unwrap_or(built.message_id)),
                 })
             }
             Err(e) => {
-                if e.is_reply() && !conn.has_broken() {
-                    self.reset_and_keep(conn).await;
+                if e.is_reply() && !relay.conn.has_broken() {
+                    self.reset_and_keep(relay).await;
                 }
                 Err(e.into_send_error())
             }
@@ -566,8 +663,8 @@ impl ChannelAdapter for SmtpAdapter {
     }
 
     async fn check(&self) -> Result<(), SendError> {
-        let mut conn = self.connector.connect().await?;
-        let _ = tokio::time::timeout(self.timeout, conn.quit()).await;
+        let mut relay = self.connector.connect().await?;
+        let _ = tokio::time::timeout(self.timeout, relay.conn.quit()).await;
         Ok(())
     }
 }
@@ -795,6 +892,38 @@ mod tests {
 
     fn from() -> Mailbox {
         "Herald <herald@localhost>".parse().unwrap()
+    }
+
+    #[test]
+    fn pipelining_is_read_from_the_ehlo_reply() {
+        let ehlo = |text: &str| text.parse::<Response>().unwrap();
+        assert!(offers_pipelining(&ehlo(
+            "250-relay.example\r\n250-SIZE 10240000\r\n250-pipelining\r\n250 8BITMIME\r\n"
+        )));
+        assert!(!offers_pipelining(&ehlo(
+            "250-relay.example\r\n250-SIZE 10240000\r\n250 8BITMIME\r\n"
+        )));
+        // Only the keyword counts, not a host name that contains it.
+        assert!(!offers_pipelining(&ehlo(
+            "250 PIPELINING-relay.example\r\n"
+        )));
+    }
+
+    #[test]
+    fn a_pipelined_group_is_mail_then_every_rcpt_then_data() {
+        let addr = |s: &str| s.parse::<Address>().unwrap();
+        let group = Pipelined {
+            mail: Mail::new(Some(addr("from@example.com")), vec![]),
+            rcpts: ["a@example.com", "b@example.com"]
+                .into_iter()
+                .map(|a| Rcpt::new(addr(a), vec![]))
+                .collect(),
+        };
+        assert_eq!(
+            group.to_string(),
+            "MAIL FROM:<from@example.com>\r\nRCPT TO:<a@example.com>\r\n\
+             RCPT TO:<b@example.com>\r\nDATA\r\n"
+        );
     }
 
     #[test]
