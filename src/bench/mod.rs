@@ -114,10 +114,15 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
         report.raw_http = Some(http);
         report.line("raw reqwest → nginx", format!("{http:.0} req/s"));
         let n_smtp = args.requests.min(20_000);
-        eprintln!("== baseline: lettre (nodelay pool of 16) → smtp-sink ({n_smtp} messages)");
+        eprintln!(
+            "== baseline: Herald's SMTP adapter alone (lettre, nodelay, pipelining, pool of 16) → smtp-sink ({n_smtp} messages)"
+        );
         let smtp_rate = load::raw_smtp(settings, smtp.port, n_smtp).await?;
         report.raw_smtp = Some(smtp_rate);
-        report.line("raw lettre → smtp-sink", format!("{smtp_rate:.0} msg/s"));
+        report.line(
+            "raw SMTP (Herald's adapter alone, pool of 16) → smtp-sink",
+            format!("{smtp_rate:.0} msg/s"),
+        );
     }
 
     eprintln!(
