@@ -258,7 +258,9 @@ async fn smtp_hard_reject_is_permanent_with_server_reply() {
 
 #[tokio::test]
 async fn smtp_relay_without_pipelining_gets_one_command_at_a_time() {
-    // `-p`: smtp-sink does not offer PIPELINING.
+    // `-p`: smtp-sink does not offer PIPELINING. (Its `-f`/`-r` refusal
+    // options imply `-p`, so the refusal tests around this one run the
+    // one-at-a-time path too; the pipelined ones use `ScriptedRelay`.)
     let sink = SmtpSink::start(&["-p"]);
     let adapter = SmtpAdapter::new(&sink.settings(1)).unwrap();
     for i in 0..3 {
@@ -266,21 +268,10 @@ async fn smtp_relay_without_pipelining_gets_one_command_at_a_time() {
         adapter.send(&n, &content()).await.unwrap();
     }
     assert_eq!(sink.wait_for_dumps(3).await.len(), 3);
-
-    let refusing = SmtpSink::start(&["-p", "-f", "RCPT"]);
-    let adapter = SmtpAdapter::new(&refusing.settings(1)).unwrap();
-    let n = email_notification("nopipe-x", "nobody@example.com", Meta::default());
-    for _ in 0..2 {
-        let err = adapter.send(&n, &content()).await.unwrap_err();
-        assert_code(&err, "smtp_permanent", false);
-        assert!(err.message().contains("(5"), "{err:?}");
-    }
 }
 
 #[tokio::test]
-async fn smtp_pipelined_refusal_of_mail_is_permanent_every_time() {
-    // MAIL is refused; the pipelined RCPT and DATA are refused in turn and
-    // their replies read, so the next send on the connection is in step.
+async fn smtp_refused_sender_is_permanent_every_time() {
     let sink = SmtpSink::start(&["-f", "MAIL"]);
     let adapter = SmtpAdapter::new(&sink.settings(1)).unwrap();
     let n = email_notification("req-mail", "bob@example.com", Meta::default());
@@ -290,6 +281,185 @@ async fn smtp_pipelined_refusal_of_mail_is_permanent_every_time() {
         assert!(err.message().contains("(5"), "{err:?}");
     }
     assert!(sink.dumps().is_empty());
+}
+
+/// What a [`ScriptedRelay`] saw.
+#[derive(Clone, Default)]
+struct RelayLog {
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// Command lines (MAIL, RCPT, DATA, RSET, ...), EHLO left out.
+    commands: Arc<Mutex<Vec<String>>>,
+    /// Lines received as message text, and messages completed.
+    text: Arc<Mutex<Vec<String>>>,
+    delivered: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RelayLog {
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn delivered(&self) -> usize {
+        self.delivered.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn commands(&self) -> Vec<String> {
+        self.commands.lock().unwrap().clone()
+    }
+}
+
+/// A relay on 127.0.0.1 that offers PIPELINING and gives the scripted
+/// replies to MAIL, RCPT and DATA. smtp-sink cannot refuse a command while
+/// offering PIPELINING, so the pipelined refusal paths need this. It sends
+/// no reply to a transaction before DATA has arrived: a client that waits
+/// for each reply instead of pipelining stalls into its timeout.
+struct ScriptedRelay {
+    port: u16,
+    log: RelayLog,
+}
+
+impl ScriptedRelay {
+    async fn start(mail: &'static str, rcpt: &'static str, data: &'static str) -> ScriptedRelay {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let log = RelayLog::default();
+        let shared = log.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let log = shared.clone();
+                log.connections
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    write.write_all(b"220 scripted ESMTP\r\n").await.unwrap();
+                    let mut pending = String::new();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                        if verb != "EHLO" {
+                            log.commands.lock().unwrap().push(line.clone());
+                        }
+                        let reply = match verb.as_str() {
+                            "EHLO" => "250-scripted\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+                            "MAIL" => {
+                                pending += mail;
+                                continue;
+                            }
+                            "RCPT" => {
+                                pending += rcpt;
+                                continue;
+                            }
+                            "DATA" => {
+                                pending += data;
+                                write.write_all(pending.as_bytes()).await.unwrap();
+                                pending.clear();
+                                if !data.starts_with("354") {
+                                    continue;
+                                }
+                                while let Ok(Some(text)) = lines.next_line().await {
+                                    if text == "." {
+                                        log.delivered
+                                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                        break;
+                                    }
+                                    log.text.lock().unwrap().push(text);
+                                }
+                                "250 2.0.0 Ok: queued as SCRIPTED\r\n"
+                            }
+                            "RSET" => "250 2.0.0 Ok\r\n",
+                            "QUIT" => "221 2.0.0 Bye\r\n",
+                            _ => "502 5.5.2 unknown command\r\n",
+                        };
+                        if write.write_all(reply.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        ScriptedRelay { port, log }
+    }
+
+    fn settings(&self) -> SmtpSettings {
+        let mut s = smtp_settings(self.port, 1);
+        s.timeout_ms = 2_000;
+        s
+    }
+}
+
+#[tokio::test]
+async fn smtp_pipelines_mail_rcpt_and_data_when_offered() {
+    let relay =
+        ScriptedRelay::start("250 2.1.0 Ok\r\n", "250 2.1.5 Ok\r\n", "354 go ahead\r\n").await;
+    let adapter = SmtpAdapter::new(&relay.settings()).unwrap();
+    for i in 0..2 {
+        let n = email_notification(&format!("pipe-{i}"), "bob@example.com", Meta::default());
+        // The relay answers nothing before DATA: only a pipelining client
+        // gets through.
+        adapter.send(&n, &content()).await.unwrap();
+    }
+    assert_eq!(relay.log.delivered(), 2);
+    assert_eq!(relay.log.connections(), 1, "the connection is reused");
+}
+
+#[tokio::test]
+async fn smtp_pipelined_refused_recipient_keeps_the_connection_in_step() {
+    let relay = ScriptedRelay::start(
+        "250 2.1.0 Ok\r\n",
+        "550 5.1.1 no such user\r\n",
+        "554 5.5.1 no valid recipients\r\n",
+    )
+    .await;
+    let adapter = SmtpAdapter::new(&relay.settings()).unwrap();
+    let n = email_notification("pipe-rcpt", "nobody@example.com", Meta::default());
+    for _ in 0..2 {
+        let err = adapter.send(&n, &content()).await.unwrap_err();
+        assert_code(&err, "smtp_permanent", false);
+        assert!(err.message().contains("no such user"), "{err:?}");
+    }
+    // Every reply was read, so RSET got its own answer and the one
+    // connection was kept.
+    assert_eq!(relay.log.connections(), 1);
+    assert_eq!(relay.log.delivered(), 0);
+    let verbs: Vec<String> = relay
+        .log
+        .commands()
+        .iter()
+        .map(|c| c[..4].to_string())
+        .collect();
+    assert_eq!(
+        verbs,
+        [
+            "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT", "DATA", "RSET"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn smtp_pipelined_refusal_after_data_was_accepted_drops_the_connection() {
+    // The sender is refused but DATA is accepted (smtp-sink answers like
+    // that too): the relay now reads message text. Sending anything, even
+    // RSET, would become text; closing the connection delivers nothing.
+    let relay = ScriptedRelay::start(
+        "550 5.7.1 sender refused\r\n",
+        "250 2.1.5 Ok\r\n",
+        "354 go ahead\r\n",
+    )
+    .await;
+    let adapter = SmtpAdapter::new(&relay.settings()).unwrap();
+    let n = email_notification("pipe-abandon", "bob@example.com", Meta::default());
+    for _ in 0..2 {
+        let err = adapter.send(&n, &content()).await.unwrap_err();
+        assert_code(&err, "smtp_permanent", false);
+        assert!(err.message().contains("sender refused"), "{err:?}");
+    }
+    assert_eq!(
+        relay.log.connections(),
+        2,
+        "each abandoned connection is dropped"
+    );
+    assert_eq!(relay.log.delivered(), 0);
+    let text = relay.log.text.lock().unwrap().clone();
+    assert!(text.is_empty(), "no message text was sent: {text:?}");
 }
 
 #[tokio::test]
