@@ -346,7 +346,7 @@ fn default_key(request: &serde_json::Value) -> String {
 
 /// A consumer assigned to every outcome partition at its current end.
 fn outcome_watcher(settings: &Settings) -> anyhow::Result<BaseConsumer> {
-    let mut cfg = kafka::consumer_config(&settings.kafka);
+    let mut cfg = kafka::consumer_config(&settings.kafka, kafka::FETCH_WAIT_MS);
     cfg.set("group.id", format!("herald-send-{}", uuid::Uuid::new_v4()))
         .set("enable.auto.commit", "false");
     cfg.remove("group.instance.id");

@@ -270,10 +270,12 @@ impl RequestConsumer {
             topics: settings.request_topics.clone(),
             listener: Mutex::new(None),
         });
-        let consumer: BaseConsumer<HeraldContext> = super::consumer_config(settings)
-            .create_with_context(HeraldContext {
-                shared: shared.clone(),
-            })?;
+        let consumer: BaseConsumer<HeraldContext> =
+            super::consumer_config(settings, super::FETCH_WAIT_MS).create_with_context(
+                HeraldContext {
+                    shared: shared.clone(),
+                },
+            )?;
         Ok(RequestConsumer {
             consumer: Arc::new(consumer),
             shared,

@@ -100,11 +100,12 @@ fn is_consumer_only(key: &str) -> bool {
 pub const FETCH_WAIT_MS: u32 = 50;
 
 /// Consumer configuration: manual offset store, periodic auto-commit of
-/// stored offsets, [`FETCH_WAIT_MS`] of fetch wait.
+/// stored offsets, `fetch_wait_ms` of fetch wait ([`FETCH_WAIT_MS`] for
+/// the request topics). `kafka.properties` are applied last and win.
 /// The 45 s session timeout (Kafka's default) rides out short broker outages
 /// and slow coordinator answers: the local broker (tansu 0.6) never hands
 /// partitions back to a member whose session expired (docs/faults.md).
-pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
+pub fn consumer_config(settings: &KafkaSettings, fetch_wait_ms: u32) -> ClientConfig {
     let mut c = base_config(settings);
     c.set("group.id", &settings.group_id)
         .set("enable.auto.commit", "true")
@@ -114,7 +115,7 @@ pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
         )
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", FETCH_WAIT_MS.to_string())
+        .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
         .set("session.timeout.ms", "45000")
         .set("heartbeat.interval.ms", "1000")
         .set("max.poll.interval.ms", "300000")

@@ -30,16 +30,14 @@ pub fn consumer(
     settings: &KafkaSettings,
     topic: &str,
 ) -> rdkafka::error::KafkaResult<StreamConsumer> {
-    let mut cfg = super::consumer_config(settings);
+    // Preference updates are rare and a few hundred milliseconds late is
+    // fine; the request consumer's shorter wait here would keep the broker
+    // answering empty fetches many times a second for nothing.
+    let mut cfg = super::consumer_config(settings, PREFERENCE_FETCH_WAIT_MS);
     cfg.set("group.id", format!("{}.preferences", settings.group_id));
     if let Some(id) = &settings.group_instance_id {
         cfg.set("group.instance.id", format!("{id}.preferences"));
     }
-    // Preference updates are rare and a few hundred milliseconds late is
-    // fine; the request consumer's shorter wait here would keep the broker
-    // answering empty fetches many times a second for nothing.
-    cfg.set("fetch.wait.max.ms", PREFERENCE_FETCH_WAIT_MS.to_string());
-    super::apply_overrides(&mut cfg, settings, false);
     let c: StreamConsumer = cfg.create()?;
     c.subscribe(&[topic])?;
     Ok(c)
