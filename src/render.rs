@@ -162,6 +162,16 @@ impl Part {
         }
     }
 
+    /// Name of an inline source of this part (errors name it; `html`
+    /// auto-escapes by it).
+    fn inline_name(self) -> &'static str {
+        match self {
+            Part::Subject => "inline/subject.jinja",
+            Part::Text => "inline/text.jinja",
+            Part::Html => "inline/html.jinja",
+        }
+    }
+
     fn from_file_name(name: &str) -> Option<Part> {
         Part::ALL.into_iter().find(|p| p.file_name() == name)
     }
@@ -413,9 +423,7 @@ impl FileRenderer {
         }
         Ok(out)
     }
-}
 
-impl FileRenderer {
     /// Renders one inline part, compiled once per distinct source (see
     /// [`InlineCache`]).
     fn render_inline_part(
@@ -424,13 +432,13 @@ impl FileRenderer {
         source: &str,
         ctx: &Value,
     ) -> Result<String, RenderError> {
-        let name = format!("inline/{}", part.file_name());
+        let name = part.inline_name();
         let limit = self.inner.max_output_bytes;
         if source.len() > INLINE_CACHE_SOURCE_BYTES {
             let tmpl = self
                 .inner
                 .env
-                .template_from_named_str(&name, source)
+                .template_from_named_str(name, source)
                 .map_err(|e| RenderError::template(describe(&e, false, 0)))?;
             return render_capped(&tmpl, ctx, limit);
         }
@@ -443,7 +451,7 @@ impl FileRenderer {
             Some(env) => env,
             None => {
                 let mut env = self.inner.env.clone();
-                env.add_template_owned(name.clone(), source.to_string())
+                env.add_template_owned(name, source.to_string())
                     .map_err(|e| RenderError::template(describe(&e, false, 0)))?;
                 let env = Arc::new(env);
                 let mut compiled = cache.lock().unwrap_or_else(PoisonError::into_inner);
@@ -455,7 +463,7 @@ impl FileRenderer {
             }
         };
         let tmpl = env
-            .get_template(&name)
+            .get_template(name)
             .map_err(|e| RenderError::template(describe(&e, false, 0)))?;
         render_capped(&tmpl, ctx, limit)
     }
@@ -1123,6 +1131,11 @@ mod tests {
             let e = err_of(r.render(&inline(Some("{{ oops"), None, None)));
             assert!(e.message.contains("inline/subject.jinja"), "{e}");
         }
+        assert_eq!(
+            inline_cached(&r),
+            3,
+            "a source that fails to compile is not kept"
+        );
         // Past the entry limit the cache starts over instead of growing.
         for i in 0..INLINE_CACHE_ENTRIES + 10 {
             let s = format!("{i} {{{{ recipient.user_id }}}}");

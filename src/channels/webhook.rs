@@ -119,18 +119,24 @@ impl HostLimits {
     /// Waits for a turn to send to `url`'s host; the turn ends when the
     /// permit is dropped.
     async fn turn(&self, url: &Url) -> Result<OwnedSemaphorePermit, SendError> {
+        // `scheme://host[:port]`: the url crate drops a default port, so
+        // `http://a` and `http://a:80` are one key.
+        let key = &url[..url::Position::AfterPort];
         let host = url.host_str().unwrap_or_default();
-        let key = format!("{host}:{}", url.port_or_known_default().unwrap_or_default());
         let semaphore = {
             let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
-            if hosts.len() >= HOST_LIMIT_ENTRIES && !hosts.contains_key(&key) {
-                // Waiters and permit holders keep a clone.
-                hosts.retain(|_, s| Arc::strong_count(s) > 1);
+            match hosts.get(key) {
+                Some(s) => s.clone(),
+                None => {
+                    if hosts.len() >= HOST_LIMIT_ENTRIES {
+                        // Waiters and permit holders keep a clone.
+                        hosts.retain(|_, s| Arc::strong_count(s) > 1);
+                    }
+                    let s = Arc::new(Semaphore::new(self.per_host));
+                    hosts.insert(key.to_string(), s.clone());
+                    s
+                }
             }
-            hosts
-                .entry(key)
-                .or_insert_with(|| Arc::new(Semaphore::new(self.per_host)))
-                .clone()
         };
         match tokio::time::timeout(self.wait, semaphore.acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
@@ -671,6 +677,14 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         drop(held);
         waiter.await.unwrap().unwrap();
+        // A default port written out is the same host.
+        let same = HostLimits::new(1, Duration::from_millis(100));
+        let _held = same
+            .turn(&Url::parse("http://b.example/x").unwrap())
+            .await
+            .unwrap();
+        let port_80 = Url::parse("http://b.example:80/y").unwrap();
+        assert!(same.turn(&port_80).await.is_err());
     }
 
     #[test]
