@@ -36,13 +36,24 @@ pub enum StoreError {
 const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// Opens a pool (lazily connecting) for `settings`.
+///
+/// Herald's connections start with `enable_seqscan=off` unless the URL's
+/// `options` set it. Every statement Herald runs is keyed by an index, but a
+/// prepared statement keeps the plan PostgreSQL chose while its tables were
+/// small: on a fresh database the batched finish kept hash-joining against a
+/// whole-table scan of `notifications` and `delivery_attempts` (45 million
+/// rows read for 100,000 notifications; BENCHMARKS.md, sixth pass) until
+/// autovacuum's next analyze. A table with no usable index is still scanned.
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, StoreError> {
-    let options: PgConnectOptions = settings
+    let mut options: PgConnectOptions = settings
         .url
         .expose_secret()
         .parse::<PgConnectOptions>()?
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+    if !sets_enable_seqscan(options.get_options()) {
+        options = options.options([("enable_seqscan", "off")]);
+    }
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(10))
@@ -63,7 +74,52 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, StoreError> {
         .connect_lazy_with(options))
 }
 
+/// Whether libpq-style startup `options` already set `enable_seqscan`.
+fn sets_enable_seqscan(options: Option<&str>) -> bool {
+    options.is_some_and(|o| o.contains("enable_seqscan"))
+}
+
 /// Runs the migrations in `migrations/` (embedded at build time).
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     sqlx::migrate!("./migrations").run(pool).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_that_sets_enable_seqscan_keeps_its_choice() {
+        assert!(!sets_enable_seqscan(None));
+        assert!(!sets_enable_seqscan(Some("-c statement_timeout=5s")));
+        assert!(sets_enable_seqscan(Some("-c enable_seqscan=on")));
+        assert!(sets_enable_seqscan(Some(
+            "-c statement_timeout=5s -c enable_seqscan=on"
+        )));
+    }
+
+    #[tokio::test]
+    async fn connections_turn_sequential_scans_off_unless_the_url_says() {
+        let options = |url: &str| {
+            let settings = DatabaseSettings {
+                url: url.to_string().into(),
+                max_connections: 1,
+                migrate_on_start: false,
+            };
+            pool(&settings)
+                .expect("pool")
+                .connect_options()
+                .get_options()
+                .map(str::to_string)
+        };
+        assert_eq!(
+            options("postgres://h@127.0.0.1:5432/herald").as_deref(),
+            Some("-c enable_seqscan=off")
+        );
+        assert_eq!(
+            options("postgres://h@127.0.0.1:5432/herald?options=-c%20enable_seqscan%3Don")
+                .as_deref(),
+            Some("-c enable_seqscan=on")
+        );
+    }
 }

@@ -593,3 +593,84 @@ async fn concurrent_copies_of_a_request_under_different_keys_send_once() {
     }
     app.stop().await;
 }
+
+/// Every statement on the hot path reads `notifications` and
+/// `delivery_attempts` by index, however young the tables are. (A prepared
+/// statement keeps the plan chosen while its tables were small; before
+/// Herald's connections turned `enable_seqscan` off, the batched finish kept
+/// scanning both tables whole as they grew.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fresh_database_is_read_by_index_not_scanned() {
+    const N: usize = 300;
+    let env = TestEnv::new(2).await;
+    let sink = HttpSink::start().await;
+    let pool = env.pool().await;
+    let counters = |pool: sqlx::PgPool| async move {
+        sqlx::query_as::<_, (String, i64, i64, i64)>(
+            "SELECT relname, seq_scan, n_tup_ins, n_tup_upd FROM pg_stat_user_tables
+             WHERE relname IN ('notifications', 'delivery_attempts') ORDER BY relname",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("table statistics")
+    };
+    let before = counters(pool.clone()).await;
+
+    let app = RunningApp::start(env.settings(&[])).await;
+    let p = producer();
+    let mut ids = Vec::new();
+    for wave in 0..6 {
+        for i in 0..N / 6 {
+            let id = format!("idx-{wave}-{i}-{}", suffix());
+            let request = json!({
+                "id": id,
+                "channel": "webhook",
+                "recipient": { "url": sink.url("/hooks/index") },
+                "content": { "text": "hello" }
+            });
+            produce(&p, &env.requests, &id, request.to_string().as_bytes()).await;
+            ids.push(id);
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let mut outcomes = TopicReader::new(&env.outcomes, env.partitions);
+    assert!(
+        outcomes
+            .read_until(WAIT, |r| r
+                .iter()
+                .filter(|x| x.json()["status"] == "sent")
+                .count()
+                >= N)
+            .await,
+        "all {N} sent"
+    );
+    app.stop().await;
+    assert_eq!(sink.received().len(), N);
+
+    // A backend reports its table statistics when it exits (the app's pool
+    // is closed), all at once: wait until the writes show, then compare.
+    let mut after = counters(pool.clone()).await;
+    for _ in 0..300 {
+        let flushed = after
+            .iter()
+            .zip(&before)
+            .all(|(a, b)| a.2 - b.2 >= N as i64 && a.3 - b.3 >= N as i64);
+        if flushed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = counters(pool.clone()).await;
+    }
+    for (a, b) in after.iter().zip(&before) {
+        assert!(
+            a.2 - b.2 >= N as i64 && a.3 - b.3 >= N as i64,
+            "{}: statistics never showed the writes: {before:?} → {after:?}",
+            a.0
+        );
+        assert_eq!(
+            a.1, b.1,
+            "{}: sequential scans: {before:?} → {after:?}",
+            a.0
+        );
+    }
+}
