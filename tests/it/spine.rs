@@ -604,7 +604,12 @@ async fn a_fresh_database_is_read_by_index_not_scanned() {
     const N: usize = 300;
     let env = TestEnv::new(2).await;
     let sink = HttpSink::start().await;
-    let pool = env.pool().await;
+    // One connection, so "every other backend" below is exactly the app's.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&env.database_url)
+        .await
+        .expect("connect test database");
     let counters = |pool: sqlx::PgPool| async move {
         sqlx::query_as::<_, (String, i64, i64, i64)>(
             "SELECT relname, seq_scan, n_tup_ins, n_tup_upd FROM pg_stat_user_tables
@@ -618,7 +623,6 @@ async fn a_fresh_database_is_read_by_index_not_scanned() {
 
     let app = RunningApp::start(env.settings(&[])).await;
     let p = producer();
-    let mut ids = Vec::new();
     for wave in 0..6 {
         for i in 0..N / 6 {
             let id = format!("idx-{wave}-{i}-{}", suffix());
@@ -629,7 +633,6 @@ async fn a_fresh_database_is_read_by_index_not_scanned() {
                 "content": { "text": "hello" }
             });
             produce(&p, &env.requests, &id, request.to_string().as_bytes()).await;
-            ids.push(id);
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
@@ -647,20 +650,31 @@ async fn a_fresh_database_is_read_by_index_not_scanned() {
     app.stop().await;
     assert_eq!(sink.received().len(), N);
 
-    // A backend reports its table statistics when it exits (the app's pool
-    // is closed), all at once: wait until the writes show, then compare.
+    // A backend reports its table statistics when it exits: wait until every
+    // connection of the app has left the database (so no backend's scans are
+    // still unreported) and the writes show, then compare.
+    let app_backends = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("backends")
+    };
     let mut after = counters(pool.clone()).await;
     for _ in 0..300 {
         let flushed = after
             .iter()
             .zip(&before)
             .all(|(a, b)| a.2 - b.2 >= N as i64 && a.3 - b.3 >= N as i64);
-        if flushed {
+        if flushed && app_backends().await == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         after = counters(pool.clone()).await;
     }
+    assert_eq!(app_backends().await, 0, "the app's connections closed");
     for (a, b) in after.iter().zip(&before) {
         assert!(
             a.2 - b.2 >= N as i64 && a.3 - b.3 >= N as i64,
