@@ -6,7 +6,7 @@ mod cli;
 /// jemalloc instead of glibc's malloc: Herald allocates many short-lived
 /// buffers per message, and glibc's bins took ~20% of its CPU under load.
 /// Measured (BENCHMARKS.md): ~16% less CPU per notification at the same
-/// peak RSS; mimalloc saved as much but peaked ~30 MiB higher.
+/// peak RSS; mimalloc saved as much but peaked up to ~45 MiB higher.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
