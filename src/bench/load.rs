@@ -591,6 +591,46 @@ pub async fn raw_smtp(settings: &Settings, port: u16, n: usize) -> anyhow::Resul
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
+/// The raw SMTP sink rate: lettre as released, one message at a time
+/// on each of `connections` connections with `TCP_NODELAY` set (lettre does
+/// not set it), no pipelining, no Herald code. One message is built once and
+/// sent `n` times. Messages per second.
+pub async fn raw_lettre(port: u16, n: usize, connections: usize) -> anyhow::Result<f64> {
+    use lettre::transport::smtp::client::AsyncSmtpConnection;
+    use lettre::transport::smtp::extension::ClientId;
+    let message = lettre::Message::builder()
+        .from("Bench <bench@localhost>".parse()?)
+        .to("sink@example.com".parse()?)
+        .subject("bench")
+        .body(String::from("hello"))?;
+    let envelope = message.envelope().clone();
+    let email = Arc::new(message.formatted());
+    let hello = ClientId::Domain("bench.localhost".into());
+    let mut conns = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        tcp.set_nodelay(true)?;
+        conns.push(AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &hello).await?);
+    }
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (k, mut conn) in conns.into_iter().enumerate() {
+        let count = n / connections + usize::from(k < n % connections);
+        let (envelope, email) = (envelope.clone(), email.clone());
+        tasks.spawn(async move {
+            for _ in 0..count {
+                conn.send(&envelope, &email).await?;
+            }
+            conn.quit().await?;
+            Ok::<_, lettre::transport::smtp::Error>(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
 /// Requests consumed (sum over topics) and messages in flight, from a
 /// Prometheus text page of Herald's `/metrics`.
 pub fn consumed_and_in_flight(page: &str) -> (u64, i64) {

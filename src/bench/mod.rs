@@ -115,6 +115,15 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
         report.line("raw reqwest → nginx", format!("{http:.0} req/s"));
         let n_smtp = args.requests.min(20_000);
         eprintln!(
+            "== baseline: raw lettre (nodelay, one message at a time, 16 connections) → smtp-sink ({n_smtp} messages)"
+        );
+        let lettre_rate = load::raw_lettre(smtp.port, n_smtp, 16).await?;
+        report.raw_lettre = Some(lettre_rate);
+        report.line(
+            "raw lettre (nodelay, 16 connections) → smtp-sink",
+            format!("{lettre_rate:.0} msg/s"),
+        );
+        eprintln!(
             "== baseline: Herald's SMTP adapter alone (lettre, nodelay, pipelining, pool of 16) → smtp-sink ({n_smtp} messages)"
         );
         let smtp_rate = load::raw_smtp(settings, smtp.port, n_smtp).await?;
@@ -405,6 +414,7 @@ struct Report {
     herald: Option<f64>,
     raw_http: Option<f64>,
     raw_smtp: Option<f64>,
+    raw_lettre: Option<f64>,
     mix: Mix,
 }
 
@@ -445,6 +455,7 @@ impl Report {
             herald: None,
             raw_http: None,
             raw_smtp: None,
+            raw_lettre: None,
             mix: args.mix,
         }
     }
@@ -559,8 +570,17 @@ impl Report {
                 }
             }
             Mix::Email | Mix::Mixed => {
+                if let (Some(h), Some(r)) = (self.herald, self.raw_lettre) {
+                    s.push_str(&format!(
+                        "| herald / raw lettre → smtp-sink rate | {:.2} |\n",
+                        h / r
+                    ));
+                }
                 if let (Some(h), Some(r)) = (self.herald, self.raw_smtp) {
-                    s.push_str(&format!("| herald / raw SMTP sink rate | {:.2} |\n", h / r));
+                    s.push_str(&format!(
+                        "| herald / Herald's SMTP adapter alone (pipelined) | {:.2} |\n",
+                        h / r
+                    ));
                 }
             }
         }
