@@ -149,7 +149,7 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
         args.requests,
     );
     report.process("herald process", &stats, result.notifications);
-    report.counts(&result);
+    report.counts("count check", &result);
 
     if !args.skip_fixed_rate && result.rate() > 0.0 {
         let rate = (result.rate() / 2.0).max(1.0) as u64;
@@ -159,6 +159,7 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
         let fixed = run.load(n, Some(rate), &nginx, &smtp).await?;
         let _ = run.stop().await?;
         report.result(&format!("herald at {rate}/s"), &fixed);
+        report.counts(&format!("count check at {rate}/s"), &fixed);
         if !args.skip_baselines {
             let pt = load::passthrough(&brokers, args.partitions, n, Some(rate)).await?;
             report.result(&format!("pass-through at {rate}/s"), &pt);
@@ -178,6 +179,7 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
         let samples = sampler.join().unwrap_or_default();
         report.result("soak", &soak);
         report.process("soak process", &stats, soak.notifications);
+        report.counts("soak count check", &soak);
         report.rss_samples(&samples);
     }
 
@@ -189,6 +191,12 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
     std::fs::write(&args.out, existing)
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("appended to {}", args.out.display());
+    if !report.mismatches.is_empty() {
+        bail!(
+            "count check failed ({}): a request without exactly one final outcome, or a sink count off",
+            report.mismatches.join(", ")
+        );
+    }
     Ok(())
 }
 
@@ -415,6 +423,8 @@ struct Report {
     raw_http: Option<f64>,
     raw_smtp: Option<f64>,
     raw_lettre: Option<f64>,
+    /// Labels of the count checks that failed.
+    mismatches: Vec<String>,
     mix: Mix,
 }
 
@@ -456,6 +466,7 @@ impl Report {
             raw_http: None,
             raw_smtp: None,
             raw_lettre: None,
+            mismatches: Vec::new(),
             mix: args.mix,
         }
     }
@@ -509,15 +520,21 @@ impl Report {
         );
     }
 
-    fn counts(&mut self, r: &LoadResult) {
+    /// Every request has exactly one final outcome and the sinks saw one
+    /// message per notification; a failure is also remembered in
+    /// `mismatches`, and makes the run exit non-zero.
+    fn counts(&mut self, what: &str, r: &LoadResult) {
         let ok = r.final_distinct == r.notifications && r.duplicate_finals == 0;
         let sink = match self.mix {
             Mix::Webhook => r.sink_http == r.notifications,
             Mix::Email => r.sink_smtp == r.notifications,
             Mix::Mixed => r.sink_http + r.sink_smtp == r.notifications,
         };
+        if !(ok && sink) {
+            self.mismatches.push(what.to_string());
+        }
         self.line(
-            "count check",
+            what,
             format!(
                 "{} final outcomes for {} notifications ({} duplicate finals), sinks saw http {} + smtp {}: {}",
                 r.final_distinct,

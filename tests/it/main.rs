@@ -6,6 +6,7 @@
 //! HERALD_TEST_DATABASE_URL.
 
 mod api;
+mod bench;
 mod channels;
 mod helpers;
 #[path = "../common/net.rs"]

@@ -1,0 +1,107 @@
+//! `herald bench` end to end at a small size: the harness the numbers
+//! come from (baselines, a separate `herald serve` process, fixed rate, soak,
+//! count checks at the sinks and on the outcome topic) runs against the real
+//! broker, PostgreSQL, nginx and smtp-sink. No rates are asserted: only that
+//! every run completes and every count check passes.
+
+use std::process::{Command, Stdio};
+
+use crate::helpers::{admin_database_url, brokers};
+
+fn bench(out: &std::path::Path, args: &[&str]) -> String {
+    let bin = env!("CARGO_BIN_EXE_herald");
+    let output = Command::new(bin)
+        .arg("bench")
+        .args(["--herald-bin", bin, "--admin-database-url"])
+        .arg(admin_database_url())
+        .arg("--out")
+        .arg(out)
+        .args(args)
+        .env("HERALD_KAFKA__BROKERS", brokers())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run herald bench");
+    let report = std::fs::read_to_string(out).unwrap_or_default();
+    assert!(
+        output.status.success(),
+        "herald bench {args:?} failed: {}\n--- stderr\n{}\n--- report\n{report}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    report
+}
+
+/// The report's rows whose first cell starts with `what` (`| what…`).
+fn rows<'a>(report: &'a str, what: &str) -> Vec<&'a str> {
+    report
+        .lines()
+        .filter(|l| l.starts_with(&format!("| {what}")))
+        .collect()
+}
+
+/// The report's rows whose first cell is exactly `what`.
+fn row<'a>(report: &'a str, what: &str) -> Vec<&'a str> {
+    rows(report, &format!("{what} |"))
+}
+
+#[test]
+fn the_bench_runs_every_phase_and_every_count_check_passes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("BENCH.md");
+    let report = bench(
+        &out,
+        &["--requests", "400", "--soak", "300", "--soak-rate", "200"],
+    );
+    for what in [
+        "broker raw produce",
+        "pass-through (max rate)",
+        "raw reqwest → nginx",
+        "raw lettre (nodelay, 16 connections) → smtp-sink",
+        "raw SMTP (Herald's adapter alone, pool of 16) → smtp-sink",
+        "herald (max rate)",
+        "herald process",
+        "soak RSS flat?",
+        "herald / pass-through",
+    ] {
+        assert_eq!(row(&report, what).len(), 1, "no `{what}` row in\n{report}");
+    }
+    // The max-rate run, the fixed-rate run at half of it, and the soak.
+    let checks: Vec<&str> = report
+        .lines()
+        .filter(|l| l.contains("count check"))
+        .collect();
+    assert_eq!(checks.len(), 3, "{report}");
+    for c in &checks {
+        assert!(c.contains("sinks saw http") && c.ends_with(": OK |"), "{c}");
+    }
+    assert!(
+        row(&report, "count check")[0].contains("400 final outcomes for 400 notifications"),
+        "{report}"
+    );
+    assert_eq!(rows(&report, "pass-through at").len(), 1, "{report}");
+}
+
+#[test]
+fn the_email_bench_counts_every_message_at_the_smtp_sink() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("BENCH.md");
+    let report = bench(
+        &out,
+        &[
+            "--mix",
+            "email",
+            "--template",
+            "--requests",
+            "200",
+            "--skip-baselines",
+            "--skip-fixed-rate",
+        ],
+    );
+    let check = row(&report, "count check");
+    assert_eq!(check.len(), 1, "{report}");
+    assert!(
+        check[0].contains("200 final outcomes for 200 notifications (0 duplicate finals), sinks saw http 0 + smtp 200: OK"),
+        "{report}"
+    );
+}
