@@ -693,6 +693,9 @@ async fn fault_handler(
     State(received): State<FaultState>,
     UrlPath((mode, _rest)): UrlPath<(String, String)>,
     headers: HeaderMap,
+    // Read the whole body before answering: a server that answers early and
+    // closes makes the sender's write fail (a broken pipe).
+    _body: axum::body::Bytes,
 ) -> axum::response::Response {
     let id = headers
         .get("webhook-id")
