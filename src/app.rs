@@ -115,6 +115,7 @@ impl App {
             Arc::new(publisher.clone()) as Arc<dyn OutcomePublisher>,
             metrics.clone(),
             settings.pipeline.max_request_bytes,
+            settings.pipeline.max_concurrent_deliveries,
         );
         let policy = Arc::new(Policy::new(
             PreferenceStore::new(pool.clone()),

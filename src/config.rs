@@ -157,6 +157,11 @@ pub struct TemplateSettings {
 pub struct PipelineSettings {
     /// Largest accepted request payload in bytes; bigger ones go to the DLQ.
     pub max_request_bytes: usize,
+    /// Most notifications being delivered at once by this instance, over
+    /// all partitions; a batch request counts once per recipient. More wait
+    /// their turn before they are claimed. Bounds the memory and connections
+    /// a burst of large batches takes.
+    pub max_concurrent_deliveries: usize,
     /// How long a claimed send belongs to its claimer, in milliseconds. Must
     /// exceed the longest send (SMTP/webhook timeouts). After a crash, a
     /// redelivered request waits this long before sending again.
@@ -324,6 +329,7 @@ max_output_bytes = 1048576
 
 [pipeline]
 max_request_bytes = 1048576
+max_concurrent_deliveries = 2048
 send_lease_ms = 30000
 
 [policy]
@@ -449,6 +455,9 @@ impl Settings {
         }
         if self.routing.breaker_failure_threshold == 0 {
             return bad("routing.breaker_failure_threshold must be at least 1");
+        }
+        if self.pipeline.max_concurrent_deliveries == 0 {
+            return bad("pipeline.max_concurrent_deliveries must be at least 1");
         }
         if self.smtp.pool_size == 0 {
             return bad("smtp.pool_size must be at least 1");

@@ -73,6 +73,9 @@ pub struct Pipeline {
     metrics: Metrics,
     /// Larger payloads are rejected before parsing.
     max_request_bytes: usize,
+    /// Turns to deliver a notification (`pipeline.max_concurrent_deliveries`),
+    /// taken before a notification is made from its request.
+    deliveries: Arc<tokio::sync::Semaphore>,
     /// Recipient policy; `None`: every notification is sent at once.
     policy: Option<Arc<Policy>>,
     /// Due rows (policy holds, cancels, scheduler firing); `None`: no due work.
@@ -87,6 +90,7 @@ impl Pipeline {
         publisher: Arc<dyn OutcomePublisher>,
         metrics: Metrics,
         max_request_bytes: usize,
+        max_concurrent_deliveries: usize,
     ) -> Self {
         Pipeline {
             store,
@@ -95,6 +99,9 @@ impl Pipeline {
             publisher,
             metrics,
             max_request_bytes,
+            deliveries: Arc::new(tokio::sync::Semaphore::new(
+                max_concurrent_deliveries.max(1),
+            )),
             policy: None,
             due: None,
         }
@@ -136,14 +143,34 @@ impl Pipeline {
             Ok(Decoded::Cancel(c)) => return self.cancel(&c).await,
             Err(e) => return self.reject(message, &e).await,
         };
+        // A notification is made from the request (with its own copy of the
+        // content) only once it has a delivery turn: a large batch holds at
+        // most BATCH_CONCURRENCY of them, and the instance at most
+        // `max_concurrent_deliveries`.
         let notifications = request.into_notifications();
         if notifications.len() == 1 {
             for n in notifications {
+                let _turn = self.deliveries.acquire().await.ok();
                 self.deliver(n).await?;
             }
             return Ok(());
         }
-        futures::stream::iter(notifications.into_iter().map(|n| self.deliver(n)))
+        let deliveries = self.deliveries.clone();
+        let with_turns = futures::stream::unfold(notifications, move |mut rest| {
+            let deliveries = deliveries.clone();
+            async move {
+                if rest.len() == 0 {
+                    return None;
+                }
+                let turn = deliveries.acquire_owned().await.ok();
+                rest.next().map(|n| ((turn, n), rest))
+            }
+        });
+        with_turns
+            .map(|(turn, n)| async move {
+                let _turn = turn;
+                self.deliver(n).await
+            })
             .buffer_unordered(BATCH_CONCURRENCY)
             .try_collect::<Vec<()>>()
             .await?;

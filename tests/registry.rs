@@ -713,7 +713,7 @@ async fn insert_notification(pool: &PgPool, id: &str, status: &str, attempts: i3
         "content": {"subject": "Hi", "text": "Hello"}
     });
     let req = herald::domain::decode_request(request.to_string().as_bytes(), 1 << 20).unwrap();
-    let n = req.into_notifications().remove(0);
+    let n = req.into_notifications().next().unwrap();
     sqlx::query(
         "INSERT INTO notifications (id, request_id, channel, priority, status, attempts, payload,
             error_code, failed_at)

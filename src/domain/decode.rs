@@ -836,7 +836,7 @@ mod tests {
         );
         assert_eq!(r.meta, Meta::default());
         assert_eq!(r.scheduled_at, None);
-        let ns = r.into_notifications();
+        let ns: Vec<_> = r.into_notifications().collect();
         assert_eq!(ns.len(), 1);
         assert_eq!(ns[0].id, "req-1");
         assert_eq!(ns[0].request_id, "req-1");
@@ -902,7 +902,7 @@ mod tests {
         });
         let r = decode(&v).unwrap();
         assert!(r.is_batch);
-        let ns = r.into_notifications();
+        let ns: Vec<_> = r.into_notifications().collect();
         let ids: Vec<&str> = ns.iter().map(|n| n.id.as_str()).collect();
         assert_eq!(ids, ["news-1:0", "news-1:1", "news-1:2"]);
         assert!(ns.iter().all(|n| n.request_id == "news-1"));
@@ -913,13 +913,51 @@ mod tests {
     }
 
     #[test]
+    fn every_notification_of_a_batch_carries_the_whole_request_the_last_included() {
+        let v = json!({
+            "id": "news-2", "channel": "email", "tenant_id": "acme", "app_id": "shop",
+            "category": "news", "correlation_id": "c-9", "priority": "high",
+            "recipients": [{"email": "a@example.com"}, {"email": "b@example.com"}, {"email": "c@example.com"}],
+            "content": {"subject": "S", "text": "T"},
+            "meta": {"from": "shop@example.com", "headers": {"X-Campaign": "fall"}}
+        });
+        let ns = decode(&v).unwrap().into_notifications();
+        assert_eq!(ns.len(), 3);
+        let ns: Vec<_> = ns.collect();
+        for n in &ns {
+            let mut same = ns[0].clone();
+            same.id = n.id.clone();
+            same.recipient = n.recipient.clone();
+            assert_eq!(*n, same);
+        }
+        let n = &ns[2];
+        assert_eq!(n.request_id, "news-2");
+        assert_eq!(n.tenant_id.as_deref(), Some("acme"));
+        assert_eq!(n.app_id.as_deref(), Some("shop"));
+        assert_eq!(n.category.as_deref(), Some("news"));
+        assert_eq!(n.correlation_id.as_deref(), Some("c-9"));
+        assert_eq!(n.meta.headers["X-Campaign"], "fall");
+        assert_eq!(
+            n.content,
+            Content::Inline(InlineContent {
+                subject: Some("S".into()),
+                text: Some("T".into()),
+                html: None
+            })
+        );
+    }
+
+    #[test]
     fn batch_of_one_still_uses_derived_ids() {
         let v = json!({
             "id": "b", "channel": "sms",
             "recipients": [{"phone": "+14155550123"}],
             "content": {"text": "x"}
         });
-        assert_eq!(decode(&v).unwrap().into_notifications()[0].id, "b:0");
+        assert_eq!(
+            decode(&v).unwrap().into_notifications().next().unwrap().id,
+            "b:0"
+        );
     }
 
     #[test]

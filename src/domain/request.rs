@@ -136,6 +136,66 @@ pub struct NotificationRequest {
     pub is_batch: bool,
 }
 
+/// The notifications of one request, made one at a time
+/// ([`NotificationRequest::into_notifications`]).
+#[derive(Debug)]
+pub struct Notifications {
+    /// The request without its recipients.
+    request: NotificationRequest,
+    recipients: std::vec::IntoIter<Recipient>,
+    /// Index of the next recipient in the request.
+    index: usize,
+}
+
+impl Iterator for Notifications {
+    type Item = Notification;
+
+    fn next(&mut self) -> Option<Notification> {
+        let recipient = self.recipients.next()?;
+        let index = self.index;
+        self.index += 1;
+        // The last notification (the only one of a single request) takes the
+        // request's fields; the others get copies.
+        let last = self.recipients.len() == 0;
+        let r = &mut self.request;
+        let id = r.notification_id(index);
+        let content = if last {
+            std::mem::replace(&mut r.content, Content::Inline(InlineContent::default()))
+        } else {
+            r.content.clone()
+        };
+        Some(Notification {
+            id,
+            request_id: take_or_clone(&mut r.id, last),
+            tenant_id: take_or_clone(&mut r.tenant_id, last),
+            app_id: take_or_clone(&mut r.app_id, last),
+            channel: r.channel,
+            recipient,
+            content,
+            priority: r.priority,
+            category: take_or_clone(&mut r.category, last),
+            scheduled_at: r.scheduled_at,
+            expires_at: r.expires_at,
+            meta: take_or_clone(&mut r.meta, last),
+            correlation_id: take_or_clone(&mut r.correlation_id, last),
+        })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.recipients.size_hint()
+    }
+}
+
+impl ExactSizeIterator for Notifications {}
+
+fn take_or_clone<T: Clone + Default>(value: &mut T, take: bool) -> T {
+    if take {
+        std::mem::take(value)
+    } else {
+        value.clone()
+    }
+}
+
 /// One notification: a request addressed to exactly one recipient.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Notification {
@@ -166,29 +226,16 @@ impl NotificationRequest {
         }
     }
 
-    /// Expands the request into one notification per recipient.
-    pub fn into_notifications(self) -> Vec<Notification> {
-        let ids: Vec<String> = (0..self.recipients.len())
-            .map(|i| self.notification_id(i))
-            .collect();
-        self.recipients
-            .into_iter()
-            .zip(ids)
-            .map(|(recipient, id)| Notification {
-                id,
-                request_id: self.id.clone(),
-                tenant_id: self.tenant_id.clone(),
-                app_id: self.app_id.clone(),
-                channel: self.channel,
-                recipient,
-                content: self.content.clone(),
-                priority: self.priority,
-                category: self.category.clone(),
-                scheduled_at: self.scheduled_at,
-                expires_at: self.expires_at,
-                meta: self.meta.clone(),
-                correlation_id: self.correlation_id.clone(),
-            })
-            .collect()
+    /// Expands the request into one notification per recipient, lazily:
+    /// each notification carries its own copy of the content and meta, so a
+    /// batch is expanded as its notifications are sent, never all at once
+    /// (1,000 recipients of 1 MB of content would otherwise be 1 GB).
+    pub fn into_notifications(mut self) -> Notifications {
+        let recipients = std::mem::take(&mut self.recipients).into_iter();
+        Notifications {
+            request: self,
+            recipients,
+            index: 0,
+        }
     }
 }

@@ -285,7 +285,8 @@ mod tests {
         decode_request(raw.as_bytes(), 1 << 20)
             .unwrap()
             .into_notifications()
-            .remove(0)
+            .next()
+            .unwrap()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,8 @@
 //! and its RSS stays bounded.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -525,4 +527,93 @@ async fn probe_largest_message_the_broker_serves() {
             r.records.len()
         );
     }
+}
+
+/// Batch requests are expanded as their notifications are sent, not all at
+/// once: two 1,000-recipient requests carrying 100 KB of content each must
+/// not hold 2,000 copies of it (~200 MB) while they are sent. Every
+/// recipient is delivered exactly once and Herald's RSS stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_batch_is_expanded_as_it_is_sent_not_at_once() {
+    const RECIPIENTS: usize = 1000;
+    const CONTENT: usize = 100 * 1000;
+    let f = Faults::shared(1).await;
+    let sink = FaultSink::start().await;
+    let (_logs, logs) = log_dir("a_large_batch_is_expanded_as_it_is_sent_not_at_once");
+    let log = logs.join("herald.log");
+    let mut herald = HeraldProcess::spawn(f.vars(&[]), &log);
+    let pid = herald.child.id();
+    let p = f.producer();
+    let mut outcomes = f.reader(&f.env.outcomes);
+
+    // Warm-up, so the RSS baseline includes pools and caches.
+    let warm: Vec<String> = (0..20).map(|i| format!("warm-{}-{i}", f.env.id)).collect();
+    let msgs = warm
+        .iter()
+        .map(|id| (id.clone(), webhook_request(id, &sink.url("ok", id))))
+        .collect();
+    produce_all(&p, &f.env.requests, msgs).await;
+    assert!(
+        read_events_until(&mut outcomes, Duration::from_secs(90), |e| all_final(
+            e, &warm
+        ))
+        .await,
+        "warm-up; log:\n{}",
+        log_tail(&log)
+    );
+    let rss_before = rss_kib(pid).unwrap_or(0);
+
+    let mut ids = Vec::new();
+    let mut msgs = Vec::new();
+    for b in 0..2 {
+        let id = format!("batch-{}-{b}", f.env.id);
+        let recipients: Vec<serde_json::Value> = (0..RECIPIENTS)
+            .map(|i| {
+                let nid = format!("{id}:{i}");
+                let r = json!({"url": sink.url("ok", &nid)});
+                ids.push(nid);
+                r
+            })
+            .collect();
+        let j = json!({"id": id, "channel": "webhook", "recipients": recipients,
+            "content": {"text": "x".repeat(CONTENT)}});
+        // Different keys: both requests are processed at once.
+        msgs.push((format!("key-{b}"), j.to_string().into_bytes()));
+    }
+    let peak = Arc::new(AtomicU64::new(rss_before));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (peak, stop) = (peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(rss) = rss_kib(pid) {
+                    peak.fetch_max(rss, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    produce_all(&p, &f.env.requests, msgs).await;
+    let done = read_events_until(&mut outcomes, Duration::from_secs(240), |e| {
+        all_final(e, &ids)
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(
+        done,
+        "not every recipient finished; log:\n{}",
+        log_tail(&log)
+    );
+    f.finish(&mut herald).await;
+    let counts = sink.counts();
+    for id in &ids {
+        assert_eq!(counts.get(id).copied().unwrap_or(0), 1, "{id} at the sink");
+    }
+    eprintln!("large batch: RSS {rss_before} KiB before, peak {peak} KiB while sending");
+    assert!(
+        peak < rss_before + 100 * 1024,
+        "RSS rose from {rss_before} KiB to {peak} KiB: the batches were expanded at once"
+    );
 }

@@ -707,7 +707,8 @@ async fn due_rows_are_claimed_urgent_first_and_a_lapsed_lease_is_taken_over() {
         let n = decode_request(r.to_string().as_bytes(), 1 << 20)
             .expect("valid")
             .into_notifications()
-            .remove(0);
+            .next()
+            .expect("one notification");
         let event = DeliveryStatusEvent::for_notification(&n, Status::Deferred, 0);
         let at = DateTime::parse_from_rfc3339(&past)
             .expect("time")

@@ -327,7 +327,8 @@ async fn claim_sending(store: &NotificationStore, request: Value, provider: &str
     let n = decode_request(request.to_string().as_bytes(), 1 << 20)
         .expect("valid request")
         .into_notifications()
-        .remove(0);
+        .next()
+        .expect("one notification");
     let claim = store
         .claim(&n, Status::Sending, provider, None)
         .await
