@@ -53,6 +53,10 @@ pub struct KafkaSettings {
     pub partition_concurrency: usize,
     /// Upper bound of messages in flight over all partitions of this instance.
     pub max_in_flight: usize,
+    /// Upper bound of the payload bytes of the messages in flight (a larger
+    /// message waits until it is alone). With `max_in_flight`, bounds the
+    /// memory a burst of large requests takes.
+    pub max_in_flight_bytes: usize,
     /// Partitions used when `herald topics ensure` creates a missing topic.
     pub topic_partitions: i32,
     /// Create missing topics when `serve` starts.
@@ -291,6 +295,7 @@ dlq_topic = "herald.dlq"
 group_id = "herald"
 partition_concurrency = 256
 max_in_flight = 8192
+max_in_flight_bytes = 16777216
 topic_partitions = 4
 ensure_topics = false
 commit_interval_ms = 5000
@@ -427,8 +432,13 @@ impl Settings {
         if self.kafka.request_topics.is_empty() {
             return bad("kafka.request_topics must name at least one topic");
         }
-        if self.kafka.partition_concurrency == 0 || self.kafka.max_in_flight == 0 {
-            return bad("kafka.partition_concurrency and kafka.max_in_flight must be at least 1");
+        if self.kafka.partition_concurrency == 0
+            || self.kafka.max_in_flight == 0
+            || self.kafka.max_in_flight_bytes == 0
+        {
+            return bad(
+                "kafka.partition_concurrency, kafka.max_in_flight and kafka.max_in_flight_bytes must be at least 1",
+            );
         }
         if self.kafka.topic_partitions < 1 {
             return bad("kafka.topic_partitions must be at least 1");

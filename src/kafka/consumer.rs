@@ -234,6 +234,8 @@ struct Job {
 /// Holds a semaphore permit and the in-flight gauge while a message is in flight.
 struct InFlight {
     _permit: OwnedSemaphorePermit,
+    /// One permit per payload byte (`kafka.max_in_flight_bytes`).
+    _bytes: Option<OwnedSemaphorePermit>,
     metrics: Metrics,
 }
 
@@ -257,6 +259,10 @@ pub struct RequestConsumer {
     topics: Vec<String>,
     partition_concurrency: usize,
     in_flight: Arc<Semaphore>,
+    /// Payload bytes in flight, one permit per byte.
+    in_flight_bytes: Arc<Semaphore>,
+    /// Permits of `in_flight_bytes`: the most one message takes.
+    max_in_flight_bytes: u32,
     /// True with `group.instance.id` (static membership).
     static_member: bool,
 }
@@ -270,6 +276,8 @@ impl RequestConsumer {
             topics: settings.request_topics.clone(),
             listener: Mutex::new(None),
         });
+        let max_in_flight_bytes =
+            u32::try_from(settings.max_in_flight_bytes.max(1)).unwrap_or(u32::MAX);
         let consumer: BaseConsumer<HeraldContext> =
             super::consumer_config(settings, super::FETCH_WAIT_MS).create_with_context(
                 HeraldContext {
@@ -282,6 +290,8 @@ impl RequestConsumer {
             topics: settings.request_topics.clone(),
             partition_concurrency: settings.partition_concurrency,
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
+            in_flight_bytes: Arc::new(Semaphore::new(max_in_flight_bytes as usize)),
+            max_in_flight_bytes,
             static_member: settings.group_instance_id.is_some(),
         })
     }
@@ -341,6 +351,29 @@ impl RequestConsumer {
                 }
                 Some(Ok(m)) => SourceMessage::from_message(&m),
             };
+            // Admit the message by its size too; a larger one than the
+            // budget waits until it is alone.
+            let size = message.payload.as_ref().map_or(0, Vec::len)
+                + message.key.as_ref().map_or(0, Vec::len);
+            let need = u32::try_from(size)
+                .unwrap_or(u32::MAX)
+                .min(self.max_in_flight_bytes);
+            let bytes = if need == 0 {
+                None
+            } else {
+                let sem = self.in_flight_bytes.clone();
+                let stop = shutdown.clone();
+                let bytes = runtime.block_on(async move {
+                    tokio::select! {
+                        p = sem.acquire_many_owned(need) => p.ok(),
+                        _ = stop.cancelled() => None,
+                    }
+                });
+                // Stopping: this message is not handed to a lane, so its
+                // offset is not stored; it is read again after a restart.
+                let Some(bytes) = bytes else { break };
+                Some(bytes)
+            };
             metrics.in_flight.inc();
             if let Some(fetched) = age(&message) {
                 handler.timed(RequestStage::Fetch, fetched);
@@ -350,6 +383,7 @@ impl RequestConsumer {
                 received: Instant::now(),
                 _permit: InFlight {
                     _permit: permit,
+                    _bytes: bytes,
                     metrics: metrics.clone(),
                 },
             };
@@ -786,6 +820,7 @@ mod tests {
                 received: Instant::now(),
                 _permit: InFlight {
                     _permit: self.permits.clone().try_acquire_owned().unwrap(),
+                    _bytes: None,
                     metrics: self.metrics.clone(),
                 },
             };

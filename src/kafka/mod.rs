@@ -105,6 +105,8 @@ pub const FETCH_WAIT_MS: u32 = 50;
 /// The 45 s session timeout (Kafka's default) rides out short broker outages
 /// and slow coordinator answers: the local broker (tansu 0.6) never hands
 /// partitions back to a member whose session expired (docs/faults.md).
+/// librdkafka prefetches at most 16 MiB (its default is 64 MiB): with
+/// `kafka.max_in_flight_bytes` this bounds what large requests hold.
 pub fn consumer_config(settings: &KafkaSettings, fetch_wait_ms: u32) -> ClientConfig {
     let mut c = base_config(settings);
     c.set("group.id", &settings.group_id)
@@ -119,7 +121,8 @@ pub fn consumer_config(settings: &KafkaSettings, fetch_wait_ms: u32) -> ClientCo
         .set("session.timeout.ms", "45000")
         .set("heartbeat.interval.ms", "1000")
         .set("max.poll.interval.ms", "300000")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        .set("queued.max.messages.kbytes", "16384");
     if let Some(id) = &settings.group_instance_id {
         c.set("group.instance.id", id);
     }

@@ -617,3 +617,83 @@ async fn a_large_batch_is_expanded_as_it_is_sent_not_at_once() {
         "RSS rose from {rss_before} KiB to {peak} KiB: the batches were expanded at once"
     );
 }
+
+/// Large valid requests are admitted by their size, not only by their
+/// count: 300 requests of 500 KB each, all on different keys (so all could
+/// run at once), must not all be held (with their copies: decoded, stored,
+/// sent) at once. Every one is delivered exactly once and Herald's RSS stays
+/// bounded by the defaults (`kafka.max_in_flight_bytes`, the consumer's
+/// prefetch): it rose by ~370 MB for 200 such requests before they existed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_requests_are_admitted_by_size_and_memory_stays_bounded() {
+    const REQUESTS: usize = 300;
+    const CONTENT: usize = 500 * 1000;
+    let f = Faults::shared(1).await;
+    let sink = FaultSink::start().await;
+    let (_logs, logs) = log_dir("large_requests_are_admitted_by_size_and_memory_stays_bounded");
+    let log = logs.join("herald.log");
+    let mut herald = HeraldProcess::spawn(f.vars(&[]), &log);
+    let pid = herald.child.id();
+    let p = f.producer();
+    let mut outcomes = f.reader(&f.env.outcomes);
+
+    let warm: Vec<String> = (0..20).map(|i| format!("warm-{}-{i}", f.env.id)).collect();
+    let msgs = warm
+        .iter()
+        .map(|id| (id.clone(), webhook_request(id, &sink.url("ok", id))))
+        .collect();
+    produce_all(&p, &f.env.requests, msgs).await;
+    assert!(
+        read_events_until(&mut outcomes, Duration::from_secs(90), |e| all_final(
+            e, &warm
+        ))
+        .await,
+        "warm-up; log:\n{}",
+        log_tail(&log)
+    );
+    let rss_before = rss_kib(pid).unwrap_or(0);
+
+    let ids: Vec<String> = (0..REQUESTS)
+        .map(|i| format!("large-{}-{i}", f.env.id))
+        .collect();
+    let msgs = ids
+        .iter()
+        .map(|id| {
+            let j = json!({"id": id, "channel": "webhook", "recipient": {"url": sink.url("ok", id)},
+                "content": {"text": "x".repeat(CONTENT)}});
+            (id.clone(), j.to_string().into_bytes())
+        })
+        .collect();
+    let peak = Arc::new(AtomicU64::new(rss_before));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (peak, stop) = (peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(rss) = rss_kib(pid) {
+                    peak.fetch_max(rss, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    produce_all(&p, &f.env.requests, msgs).await;
+    let done = read_events_until(&mut outcomes, Duration::from_secs(240), |e| {
+        all_final(e, &ids)
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(done, "not every request finished; log:\n{}", log_tail(&log));
+    f.finish(&mut herald).await;
+    let counts = sink.counts();
+    for id in &ids {
+        assert_eq!(counts.get(id).copied().unwrap_or(0), 1, "{id} at the sink");
+    }
+    eprintln!("large requests: RSS {rss_before} KiB before, peak {peak} KiB while sending");
+    assert!(
+        peak < rss_before + 256 * 1024,
+        "RSS rose from {rss_before} KiB to {peak} KiB"
+    );
+}
