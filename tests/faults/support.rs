@@ -683,12 +683,26 @@ pub fn ok_webhook_load(
 /// `/hang/..` → never answers.
 pub struct FaultSink {
     pub addr: std::net::SocketAddr,
-    /// `webhook-id` → times received, per mode.
-    received: Arc<Mutex<HashMap<String, usize>>>,
+    received: FaultState,
 }
 
-type FaultState = Arc<Mutex<HashMap<String, usize>>>;
+/// One request the sink received: when, and whether it answered 2xx.
+#[derive(Debug, Clone, Copy)]
+pub struct Receipt {
+    pub at: Instant,
+    pub accepted: bool,
+}
 
+/// `webhook-id` → what the sink received for it, in order.
+type FaultState = Arc<Mutex<HashMap<String, Vec<Receipt>>>>;
+
+/// Answers by the path's first segment (the mode) and by how often this
+/// `webhook-id` was received before:
+/// - `s500`: 500 the first two times, then 200;
+/// - `s429`: 429 with `Retry-After: 1` the first time, then 200;
+/// - `hang`: never answers the first time, then 200;
+/// - `dead`: always 500;
+/// - anything else (`ok`, `bad`): 200.
 async fn fault_handler(
     State(received): State<FaultState>,
     UrlPath((mode, _rest)): UrlPath<(String, String)>,
@@ -702,17 +716,30 @@ async fn fault_handler(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    if let Ok(mut m) = received.lock() {
-        *m.entry(id).or_insert(0) += 1;
-    }
-    match mode.as_str() {
-        "s500" => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-        "s429" => (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")]).into_response(),
-        "hang" => {
+    let answer = {
+        let mut received = received.lock().unwrap_or_else(|p| p.into_inner());
+        let before = received.get(&id).map_or(0, Vec::len);
+        let answer = match (mode.as_str(), before) {
+            ("s500", 0 | 1) | ("dead", _) => Some(StatusCode::INTERNAL_SERVER_ERROR),
+            ("s429", 0) => Some(StatusCode::TOO_MANY_REQUESTS),
+            ("hang", 0) => None,
+            _ => Some(StatusCode::OK),
+        };
+        received.entry(id).or_default().push(Receipt {
+            at: Instant::now(),
+            accepted: answer == Some(StatusCode::OK),
+        });
+        answer
+    };
+    match answer {
+        None => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             StatusCode::OK.into_response()
         }
-        _ => StatusCode::OK.into_response(),
+        Some(StatusCode::TOO_MANY_REQUESTS) => {
+            (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")]).into_response()
+        }
+        Some(code) => code.into_response(),
     }
 }
 
@@ -736,7 +763,16 @@ impl FaultSink {
         format!("http://{}/{mode}/{id}", self.addr)
     }
 
+    /// Times each `webhook-id` was received, whatever the answer.
     pub fn counts(&self) -> HashMap<String, usize> {
+        self.receipts()
+            .into_iter()
+            .map(|(id, r)| (id, r.len()))
+            .collect()
+    }
+
+    /// What the sink received per `webhook-id`, in order.
+    pub fn receipts(&self) -> HashMap<String, Vec<Receipt>> {
         self.received.lock().map(|m| m.clone()).unwrap_or_default()
     }
 }
