@@ -80,10 +80,10 @@ impl<J: Send + 'static> Coalescer<J> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(make(reply))
-            .map_err(|_| StoreError::Corrupt(format!("the {} stopped", self.name)))?;
+            .map_err(|_| StoreError::Batch(format!("the {} stopped", self.name)))?;
         answer
             .await
-            .map_err(|_| StoreError::Corrupt(format!("the {} dropped a job", self.name)))?
+            .map_err(|_| StoreError::Batch(format!("the {} dropped a job", self.name)))?
     }
 }
 
@@ -94,7 +94,7 @@ pub(super) fn fail_all<T>(
     e: &dyn std::fmt::Display,
 ) {
     for reply in replies {
-        let _ = reply.send(Err(StoreError::Corrupt(format!(
+        let _ = reply.send(Err(StoreError::Batch(format!(
             "batched {what} failed: {e}"
         ))));
     }
@@ -388,4 +388,24 @@ async fn write_claims(
     .fetch_all(pool)
     .await?;
     Ok(inserted.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_batch_is_a_database_error_for_every_job() {
+        let (a, ra) = oneshot::channel::<Result<(), StoreError>>();
+        let (b, rb) = oneshot::channel::<Result<(), StoreError>>();
+        fail_all([a, b], "attempt write", &"No space left on device");
+        for r in [ra, rb] {
+            let e = r.await.expect("answered").expect_err("failed");
+            assert!(matches!(e, StoreError::Batch(_)), "{e:?}");
+            assert_eq!(
+                e.to_string(),
+                "database: batched attempt write failed: No space left on device"
+            );
+        }
+    }
 }

@@ -28,6 +28,10 @@ pub use receipts::ReceiptStore;
 pub enum StoreError {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// A batched statement failed (each job of the batch gets the error as
+    /// text), or the batch writer is gone.
+    #[error("database: {0}")]
+    Batch(String),
     #[error("stored data is not what this version expects: {0}")]
     Corrupt(String),
 }
