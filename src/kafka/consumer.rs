@@ -223,6 +223,26 @@ fn tpl_keys(tpl: &TopicPartitionList) -> Vec<PartitionKey> {
         .collect()
 }
 
+/// Takes `n` permits of `sem` for the poll thread: at once when they are
+/// free, else waiting on `runtime`; `None` once `stop` is cancelled.
+fn take_permits(
+    runtime: &tokio::runtime::Handle,
+    sem: &Arc<Semaphore>,
+    n: u32,
+    stop: &CancellationToken,
+) -> Option<OwnedSemaphorePermit> {
+    if let Ok(p) = sem.clone().try_acquire_many_owned(n) {
+        return Some(p);
+    }
+    let (sem, stop) = (sem.clone(), stop.clone());
+    runtime.block_on(async move {
+        tokio::select! {
+            p = sem.acquire_many_owned(n) => p.ok(),
+            _ = stop.cancelled() => None,
+        }
+    })
+}
+
 /// One message handed to a lane, with its in-flight permit.
 struct Job {
     message: SourceMessage,
@@ -334,15 +354,9 @@ impl RequestConsumer {
         let handler: Arc<dyn Handler> = pipeline;
         let mut lanes: HashMap<PartitionKey, PartitionLanes> = HashMap::new();
         while !shutdown.is_cancelled() {
-            let sem = self.in_flight.clone();
-            let stop = shutdown.clone();
-            let permit = runtime.block_on(async move {
-                tokio::select! {
-                    p = sem.acquire_owned() => p.ok(),
-                    _ = stop.cancelled() => None,
-                }
-            });
-            let Some(permit) = permit else { break };
+            let Some(permit) = take_permits(&runtime, &self.in_flight, 1, &shutdown) else {
+                break;
+            };
             let message = match self.consumer.poll(Duration::from_millis(100)) {
                 None => continue,
                 Some(Err(e)) => {
@@ -361,17 +375,12 @@ impl RequestConsumer {
             let bytes = if need == 0 {
                 None
             } else {
-                let sem = self.in_flight_bytes.clone();
-                let stop = shutdown.clone();
-                let bytes = runtime.block_on(async move {
-                    tokio::select! {
-                        p = sem.acquire_many_owned(need) => p.ok(),
-                        _ = stop.cancelled() => None,
-                    }
-                });
                 // Stopping: this message is not handed to a lane, so its
                 // offset is not stored; it is read again after a restart.
-                let Some(bytes) = bytes else { break };
+                let Some(bytes) = take_permits(&runtime, &self.in_flight_bytes, need, &shutdown)
+                else {
+                    break;
+                };
                 Some(bytes)
             };
             metrics.in_flight.inc();
