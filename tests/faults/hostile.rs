@@ -529,17 +529,19 @@ async fn probe_largest_message_the_broker_serves() {
     }
 }
 
-/// Batch requests are expanded as their notifications are sent, not all at
-/// once: two 1,000-recipient requests carrying 100 KB of content each must
-/// not hold 2,000 copies of it (~200 MB) while they are sent. Every
-/// recipient is delivered exactly once and Herald's RSS stays bounded.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_large_batch_is_expanded_as_it_is_sent_not_at_once() {
-    const RECIPIENTS: usize = 1000;
-    const CONTENT: usize = 100 * 1000;
-    let f = Faults::shared(1).await;
-    let sink = FaultSink::start().await;
-    let (_logs, logs) = log_dir("a_large_batch_is_expanded_as_it_is_sent_not_at_once");
+/// Runs Herald (default settings, one partition) and warms it up, then
+/// sends `msgs` and waits until each of `ids` has a final outcome and was
+/// delivered exactly once at `sink`. Returns Herald's RSS in KiB after the
+/// warm-up, and the highest RSS sampled (every 20 ms) while `msgs` were
+/// handled.
+async fn peak_rss_while_sending(
+    test: &str,
+    f: &Faults,
+    sink: &FaultSink,
+    ids: &[String],
+    msgs: Vec<(String, Vec<u8>)>,
+) -> (u64, u64) {
+    let (_logs, logs) = log_dir(test);
     let log = logs.join("herald.log");
     let mut herald = HeraldProcess::spawn(f.vars(&[]), &log);
     let pid = herald.child.id();
@@ -548,11 +550,11 @@ async fn a_large_batch_is_expanded_as_it_is_sent_not_at_once() {
 
     // Warm-up, so the RSS baseline includes pools and caches.
     let warm: Vec<String> = (0..20).map(|i| format!("warm-{}-{i}", f.env.id)).collect();
-    let msgs = warm
+    let warm_msgs = warm
         .iter()
         .map(|id| (id.clone(), webhook_request(id, &sink.url("ok", id))))
         .collect();
-    produce_all(&p, &f.env.requests, msgs).await;
+    produce_all(&p, &f.env.requests, warm_msgs).await;
     assert!(
         read_events_until(&mut outcomes, Duration::from_secs(90), |e| all_final(
             e, &warm
@@ -563,6 +565,45 @@ async fn a_large_batch_is_expanded_as_it_is_sent_not_at_once() {
     );
     let rss_before = rss_kib(pid).unwrap_or(0);
 
+    let peak = Arc::new(AtomicU64::new(rss_before));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (peak, stop) = (peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(rss) = rss_kib(pid) {
+                    peak.fetch_max(rss, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    produce_all(&p, &f.env.requests, msgs).await;
+    let done = read_events_until(&mut outcomes, Duration::from_secs(240), |e| {
+        all_final(e, ids)
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    assert!(done, "not every request finished; log:\n{}", log_tail(&log));
+    f.finish(&mut herald).await;
+    let counts = sink.counts();
+    for id in ids {
+        assert_eq!(counts.get(id).copied().unwrap_or(0), 1, "{id} at the sink");
+    }
+    (rss_before, peak.load(Ordering::Relaxed))
+}
+
+/// Batch requests are expanded as their notifications are sent, not all at
+/// once: two 1,000-recipient requests carrying 100 KB of content each must
+/// not hold 2,000 copies of it (~200 MB) while they are sent. Every
+/// recipient is delivered exactly once and Herald's RSS stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_batch_is_expanded_as_it_is_sent_not_at_once() {
+    const RECIPIENTS: usize = 1000;
+    const CONTENT: usize = 100 * 1000;
+    let f = Faults::shared(1).await;
+    let sink = FaultSink::start().await;
     let mut ids = Vec::new();
     let mut msgs = Vec::new();
     for b in 0..2 {
@@ -580,37 +621,14 @@ async fn a_large_batch_is_expanded_as_it_is_sent_not_at_once() {
         // Different keys: both requests are processed at once.
         msgs.push((format!("key-{b}"), j.to_string().into_bytes()));
     }
-    let peak = Arc::new(AtomicU64::new(rss_before));
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let (peak, stop) = (peak.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                if let Some(rss) = rss_kib(pid) {
-                    peak.fetch_max(rss, Ordering::Relaxed);
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
-    produce_all(&p, &f.env.requests, msgs).await;
-    let done = read_events_until(&mut outcomes, Duration::from_secs(240), |e| {
-        all_final(e, &ids)
-    })
+    let (rss_before, peak) = peak_rss_while_sending(
+        "a_large_batch_is_expanded_as_it_is_sent_not_at_once",
+        &f,
+        &sink,
+        &ids,
+        msgs,
+    )
     .await;
-    stop.store(true, Ordering::Relaxed);
-    let _ = sampler.join();
-    let peak = peak.load(Ordering::Relaxed);
-    assert!(
-        done,
-        "not every recipient finished; log:\n{}",
-        log_tail(&log)
-    );
-    f.finish(&mut herald).await;
-    let counts = sink.counts();
-    for id in &ids {
-        assert_eq!(counts.get(id).copied().unwrap_or(0), 1, "{id} at the sink");
-    }
     eprintln!("large batch: RSS {rss_before} KiB before, peak {peak} KiB while sending");
     assert!(
         peak < rss_before + 100 * 1024,
@@ -630,29 +648,6 @@ async fn large_requests_are_admitted_by_size_and_memory_stays_bounded() {
     const CONTENT: usize = 500 * 1000;
     let f = Faults::shared(1).await;
     let sink = FaultSink::start().await;
-    let (_logs, logs) = log_dir("large_requests_are_admitted_by_size_and_memory_stays_bounded");
-    let log = logs.join("herald.log");
-    let mut herald = HeraldProcess::spawn(f.vars(&[]), &log);
-    let pid = herald.child.id();
-    let p = f.producer();
-    let mut outcomes = f.reader(&f.env.outcomes);
-
-    let warm: Vec<String> = (0..20).map(|i| format!("warm-{}-{i}", f.env.id)).collect();
-    let msgs = warm
-        .iter()
-        .map(|id| (id.clone(), webhook_request(id, &sink.url("ok", id))))
-        .collect();
-    produce_all(&p, &f.env.requests, msgs).await;
-    assert!(
-        read_events_until(&mut outcomes, Duration::from_secs(90), |e| all_final(
-            e, &warm
-        ))
-        .await,
-        "warm-up; log:\n{}",
-        log_tail(&log)
-    );
-    let rss_before = rss_kib(pid).unwrap_or(0);
-
     let ids: Vec<String> = (0..REQUESTS)
         .map(|i| format!("large-{}-{i}", f.env.id))
         .collect();
@@ -664,33 +659,14 @@ async fn large_requests_are_admitted_by_size_and_memory_stays_bounded() {
             (id.clone(), j.to_string().into_bytes())
         })
         .collect();
-    let peak = Arc::new(AtomicU64::new(rss_before));
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let (peak, stop) = (peak.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                if let Some(rss) = rss_kib(pid) {
-                    peak.fetch_max(rss, Ordering::Relaxed);
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
-    produce_all(&p, &f.env.requests, msgs).await;
-    let done = read_events_until(&mut outcomes, Duration::from_secs(240), |e| {
-        all_final(e, &ids)
-    })
+    let (rss_before, peak) = peak_rss_while_sending(
+        "large_requests_are_admitted_by_size_and_memory_stays_bounded",
+        &f,
+        &sink,
+        &ids,
+        msgs,
+    )
     .await;
-    stop.store(true, Ordering::Relaxed);
-    let _ = sampler.join();
-    let peak = peak.load(Ordering::Relaxed);
-    assert!(done, "not every request finished; log:\n{}", log_tail(&log));
-    f.finish(&mut herald).await;
-    let counts = sink.counts();
-    for id in &ids {
-        assert_eq!(counts.get(id).copied().unwrap_or(0), 1, "{id} at the sink");
-    }
     eprintln!("large requests: RSS {rss_before} KiB before, peak {peak} KiB while sending");
     assert!(
         peak < rss_before + 256 * 1024,
