@@ -204,21 +204,7 @@ async fn hostile_requests_are_answered_and_valid_ones_delivered() {
     let p = f.producer();
     let mut outcomes = f.reader(&f.env.outcomes);
 
-    // Warm-up: valid requests, so the RSS baseline includes pools and caches.
-    let warm: Vec<String> = (0..50).map(|i| format!("warm-{}-{i}", f.env.id)).collect();
-    let msgs = warm
-        .iter()
-        .map(|id| ("warm".to_string(), webhook_request(id, &sink.url("ok", id))))
-        .collect();
-    produce_all(&p, &f.env.requests, msgs).await;
-    assert!(
-        read_events_until(&mut outcomes, Duration::from_secs(90), |e| all_final(
-            e, &warm
-        ))
-        .await,
-        "warm-up; log:\n{}",
-        log_tail(&log)
-    );
+    warm_up(&f, &sink, &p, &mut outcomes, 50, &log).await;
     let rss_before = rss_kib(pid).unwrap_or(0);
 
     // The mix: valid webhook and email requests interleaved with hostile ones.
@@ -529,6 +515,29 @@ async fn probe_largest_message_the_broker_serves() {
     }
 }
 
+/// Sends `n` valid webhook requests and waits for their final outcomes, so
+/// an RSS baseline taken afterwards includes Herald's pools and caches.
+async fn warm_up(
+    f: &Faults,
+    sink: &FaultSink,
+    p: &rdkafka::producer::FutureProducer,
+    outcomes: &mut TopicReader,
+    n: usize,
+    log: &std::path::Path,
+) {
+    let warm: Vec<String> = (0..n).map(|i| format!("warm-{}-{i}", f.env.id)).collect();
+    let msgs = warm
+        .iter()
+        .map(|id| (id.clone(), webhook_request(id, &sink.url("ok", id))))
+        .collect();
+    produce_all(p, &f.env.requests, msgs).await;
+    assert!(
+        read_events_until(outcomes, Duration::from_secs(90), |e| all_final(e, &warm)).await,
+        "warm-up; log:\n{}",
+        log_tail(log)
+    );
+}
+
 /// Runs Herald (default settings, one partition) and warms it up, then
 /// sends `msgs` and waits until each of `ids` has a final outcome and was
 /// delivered exactly once at `sink`. Returns Herald's RSS in KiB after the
@@ -548,21 +557,7 @@ async fn peak_rss_while_sending(
     let p = f.producer();
     let mut outcomes = f.reader(&f.env.outcomes);
 
-    // Warm-up, so the RSS baseline includes pools and caches.
-    let warm: Vec<String> = (0..20).map(|i| format!("warm-{}-{i}", f.env.id)).collect();
-    let warm_msgs = warm
-        .iter()
-        .map(|id| (id.clone(), webhook_request(id, &sink.url("ok", id))))
-        .collect();
-    produce_all(&p, &f.env.requests, warm_msgs).await;
-    assert!(
-        read_events_until(&mut outcomes, Duration::from_secs(90), |e| all_final(
-            e, &warm
-        ))
-        .await,
-        "warm-up; log:\n{}",
-        log_tail(&log)
-    );
+    warm_up(f, sink, &p, &mut outcomes, 20, &log).await;
     let rss_before = rss_kib(pid).unwrap_or(0);
 
     let peak = Arc::new(AtomicU64::new(rss_before));
