@@ -188,7 +188,23 @@ EOF
 	pg_ready || die "postgres: not ready after 30 s, see $PG_BASE/postgres.log"
 	ln -sfn "$PG_BASE/postgres.log" "$LOG_DIR/postgres.log"
 	pg_ensure_herald_db
+	pg_drop_test_leftovers
 	log "postgres: ready"
+}
+
+# Drops the databases earlier test runs left behind: each test creates a
+# random one (herald_it_*, _faults_, _store_, _reg_, _providers_) and never drops
+# it, and over many runs they fill the disk. Only called right after this
+# script started the cluster, so no test can be using them.
+pg_drop_test_leftovers() {
+	local dbs db
+	dbs=$(pg_psql -tA -c "SELECT datname FROM pg_database WHERE datname ~ '^herald_(it|faults|store|reg|providers)_[0-9a-f]+$'") ||
+		return 0
+	[ -n "$dbs" ] || return 0
+	for db in $dbs; do
+		pg_psql -c "DROP DATABASE IF EXISTS \"$db\"" || warn "postgres: could not drop $db"
+	done
+	log "postgres: dropped $(wc -w <<<"$dbs") databases left by earlier test runs"
 }
 
 pg_stop() {
