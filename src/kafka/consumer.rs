@@ -255,7 +255,7 @@ struct Job {
 struct InFlight {
     _permit: OwnedSemaphorePermit,
     /// One permit per payload byte (`kafka.max_in_flight_bytes`).
-    _bytes: Option<OwnedSemaphorePermit>,
+    _bytes: OwnedSemaphorePermit,
     metrics: Metrics,
 }
 
@@ -372,16 +372,10 @@ impl RequestConsumer {
             let need = u32::try_from(size)
                 .unwrap_or(u32::MAX)
                 .min(self.max_in_flight_bytes);
-            let bytes = if need == 0 {
-                None
-            } else {
-                // Stopping: this message is not handed to a lane, so its
-                // offset is not stored; it is read again after a restart.
-                let Some(bytes) = take_permits(&runtime, &self.in_flight_bytes, need, &shutdown)
-                else {
-                    break;
-                };
-                Some(bytes)
+            // Stopping: this message is not handed to a lane, so its offset
+            // is not stored; it is read again after a restart.
+            let Some(bytes) = take_permits(&runtime, &self.in_flight_bytes, need, &shutdown) else {
+                break;
             };
             metrics.in_flight.inc();
             if let Some(fetched) = age(&message) {
@@ -829,7 +823,7 @@ mod tests {
                 received: Instant::now(),
                 _permit: InFlight {
                     _permit: self.permits.clone().try_acquire_owned().unwrap(),
-                    _bytes: None,
+                    _bytes: self.permits.clone().try_acquire_many_owned(0).unwrap(),
                     metrics: self.metrics.clone(),
                 },
             };
