@@ -400,6 +400,80 @@ async fn a_batch_request_becomes_one_notification_per_recipient() {
     app.stop().await;
 }
 
+/// `pipeline.max_concurrent_deliveries` bounds deliveries over the whole
+/// instance, not per request: two batch requests on different keys (each
+/// would send up to 16 at once) against a receiver that takes 100 ms never
+/// have more than 3 requests open at the receiver together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deliveries_of_all_batches_together_stay_within_the_instance_bound() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const TURNS: usize = 3;
+    let open = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let served = Arc::new(AtomicUsize::new(0));
+    let app = {
+        let (open, most, served) = (open.clone(), most.clone(), served.clone());
+        axum::Router::new().route(
+            "/{*path}",
+            axum::routing::post(move || {
+                let (open, most, served) = (open.clone(), most.clone(), served.clone());
+                async move {
+                    let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    served.fetch_add(1, Ordering::SeqCst);
+                    axum::http::StatusCode::OK
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let env = TestEnv::new(1).await;
+    let app = RunningApp::start(env.settings(&[(
+        "HERALD_PIPELINE__MAX_CONCURRENT_DELIVERIES",
+        TURNS.to_string(),
+    )]))
+    .await;
+    let p = producer();
+    let mut ids = Vec::new();
+    for b in 0..2 {
+        let id = format!("turns-{b}-{}", suffix());
+        let recipients: Vec<_> = (0..8)
+            .map(|i| json!({"url": format!("http://{addr}/{b}/{i}")}))
+            .collect();
+        ids.extend((0..8).map(|i| format!("{id}:{i}")));
+        let request = json!({"id": id, "channel": "webhook", "recipients": recipients,
+            "content": {"text": "hi"}});
+        produce(
+            &p,
+            &env.requests,
+            &format!("key-{b}"),
+            request.to_string().as_bytes(),
+        )
+        .await;
+    }
+    let mut outcomes = TopicReader::new(&env.outcomes, 1);
+    assert!(outcomes.read_until(WAIT, |r| r.len() >= ids.len()).await);
+    let finals = finals_by_notification(&outcomes.events());
+    for id in &ids {
+        assert_eq!(finals[id].len(), 1, "{id}");
+    }
+    app.stop().await;
+    assert_eq!(served.load(Ordering::SeqCst), ids.len());
+    // Exactly the bound: lower would mean the batches ran one at a time.
+    assert_eq!(most.load(Ordering::SeqCst), TURNS);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retryable_failures_retry_with_growing_backoff_and_permanent_ones_do_not() {
     let env = TestEnv::new(1).await;
