@@ -18,9 +18,10 @@
 //! *and* acknowledged), the partition's [`OffsetTracker`] says how far
 //! everything is done and only that offset is stored. Stored offsets are
 //! auto-committed periodically, and committed synchronously on revoke and at
-//! shutdown after a drain: work already running finishes, acknowledgements
-//! included (up to `drain_timeout_ms`), work not yet started is left for the
-//! next owner of the partition.
+//! shutdown after a drain: every message already handed to a lane finishes,
+//! acknowledgements included (up to `drain_timeout_ms`), so the commit covers
+//! all of it; only what is left at the deadline goes to the next owner of the
+//! partition.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -60,7 +61,8 @@ struct PartitionInner {
     /// Messages started and not settled: being processed, or processed and
     /// waiting for their acknowledgements.
     running: usize,
-    /// Set on revoke/shutdown: queued messages are not started any more.
+    /// Set once a revoke/shutdown drain ends: queued messages are not started
+    /// any more.
     revoked: bool,
 }
 
@@ -81,12 +83,20 @@ impl PartitionState {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Marks the partition revoked and waits until nothing runs or `deadline`.
-    /// Returns how many messages were still running at the deadline.
+    /// Lets the lanes finish every message handed to them, then marks the
+    /// partition revoked. Waits until every dispatched offset is complete or
+    /// `deadline`; past it, queued messages are not started any more and are
+    /// left for the next owner. Returns how many messages were still running
+    /// at the deadline.
+    ///
+    /// Finishing the queue, not only what already runs, is what makes a
+    /// hand-over clean: lanes complete out of order, so a message left in one
+    /// lane would hold the committed offset below work other lanes already
+    /// did, and the next owner would read that work again (and re-publish
+    /// its outcomes).
     fn revoke_and_drain(&self, deadline: Instant) -> usize {
         let mut g = self.lock();
-        g.revoked = true;
-        while g.running > 0 {
+        while g.tracker.outstanding() > 0 {
             let now = Instant::now();
             if now >= deadline {
                 break;
@@ -96,6 +106,7 @@ impl PartitionState {
                 Err(p) => p.into_inner().0,
             };
         }
+        g.revoked = true;
         g.running
     }
 }
@@ -185,10 +196,14 @@ impl ConsumerContext for HeraldContext {
         if let Rebalance::Revoke(tpl) = rebalance {
             let keys = tpl_keys(tpl);
             tracing::info!(partitions = ?keys, "partitions revoked: draining in-flight work");
-            self.shared.drain(Some(keys));
-            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            self.shared.drain(Some(keys.clone()));
+            match consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(()) => tracing::info!(partitions = ?keys, "offsets committed on revoke"),
                 // NoOffset just means nothing new was stored.
-                tracing::debug!(error = %e, "commit on revoke");
+                Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "commit on revoke failed: the next owner re-reads from the last commit")
+                }
             }
         }
     }
@@ -788,7 +803,7 @@ mod tests {
     }
 
     impl Lane {
-        fn start(handler: Arc<Fake>) -> Lane {
+        fn start(handler: Arc<dyn Handler>) -> Lane {
             let (tx, rx) = mpsc::unbounded_channel();
             let state = PartitionState::new();
             let stored = Arc::new(Stored::default());
@@ -944,6 +959,77 @@ mod tests {
         assert_eq!(drain.await.unwrap(), 0);
         // Work that finished during the drain is committed with it.
         assert_eq!(lane.stored.offsets(), vec![0]);
+    }
+
+    /// Handles a message only when the test lets it (one permit each), so
+    /// later messages of the lane queue behind it.
+    struct Gated {
+        gate: Semaphore,
+        calls: Mutex<Vec<i64>>,
+    }
+
+    impl Handler for Gated {
+        fn handle<'a>(&'a self, m: &'a SourceMessage) -> BoxFuture<'a, Result<(), PipelineError>> {
+            Box::pin(async move {
+                self.gate.acquire().await.expect("gate open").forget();
+                self.calls.lock().unwrap().push(m.offset);
+                Ok(())
+            })
+        }
+
+        fn retried(&self, _stage: &'static str) {}
+    }
+
+    fn gated() -> Arc<Gated> {
+        Arc::new(Gated {
+            gate: Semaphore::new(0),
+            calls: Mutex::new(Vec::new()),
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_drain_finishes_what_is_queued_in_the_lanes_so_the_commit_covers_it() {
+        let handler = gated();
+        let lane = Lane::start(handler.clone());
+        for offset in 0..3 {
+            lane.send(offset);
+        }
+        eventually("the first one runs", || lane.running() == 1).await;
+        let state = lane.state.clone();
+        let drain = tokio::task::spawn_blocking(move || {
+            state.revoke_and_drain(Instant::now() + Duration::from_secs(5))
+        });
+        settle_tasks().await;
+        assert!(!drain.is_finished(), "two messages still queued");
+        handler.gate.add_permits(3);
+        assert_eq!(drain.await.unwrap(), 0);
+        assert_eq!(*handler.calls.lock().unwrap(), vec![0, 1, 2]);
+        assert_eq!(
+            lane.stored.offsets().last(),
+            Some(&2),
+            "the commit covers all three"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn past_the_drain_deadline_queued_messages_are_left_for_the_next_owner() {
+        let handler = gated();
+        let lane = Lane::start(handler.clone());
+        lane.send(0);
+        lane.send(1);
+        eventually("the first one runs", || lane.running() == 1).await;
+        let state = lane.state.clone();
+        let left = tokio::task::spawn_blocking(move || {
+            state.revoke_and_drain(Instant::now() + Duration::from_millis(50))
+        })
+        .await
+        .unwrap();
+        assert_eq!(left, 1, "the first one is still running");
+        handler.gate.add_permits(2);
+        eventually("settled", || lane.running() == 0).await;
+        settle_tasks().await;
+        assert_eq!(*handler.calls.lock().unwrap(), vec![0], "1 is not started");
+        assert_eq!(lane.stored.offsets(), vec![0], "offset 1 is read again");
     }
 
     #[tokio::test]
