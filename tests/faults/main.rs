@@ -19,6 +19,7 @@ mod net;
 
 mod broker;
 mod database;
+mod group;
 mod hostile;
 mod kills;
 mod sinks;

@@ -485,6 +485,23 @@ fn set_mode_777(p: &Path) {
 
 pub use crate::net::free_port;
 
+/// `herald_requests_consumed_total` (all partitions) of the instance whose
+/// HTTP API listens on `port`; `None` while it does not answer.
+pub async fn requests_consumed(port: u16) -> Option<u64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(
+        text.lines()
+            .filter(|l| l.starts_with("herald_requests_consumed_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>(),
+    )
+}
+
 fn wait_for_port(port: u16) {
     crate::net::wait_for_port(port, Duration::from_secs(10));
 }

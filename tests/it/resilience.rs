@@ -135,20 +135,6 @@ async fn two_instances_share_partitions_and_a_graceful_leave_hands_over() {
     let p = producer();
     let ids: Vec<String> = (0..N).map(|i| format!("pair-{}-{i}", env.id)).collect();
     let url = sink.url("/pair");
-    let consumed = |port: u16| async move {
-        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        Some(
-            text.lines()
-                .filter(|l| l.starts_with("herald_requests_consumed_total"))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                .sum::<u64>(),
-        )
-    };
     for (i, id) in ids.iter().take(N / 2).enumerate() {
         produce(
             &p,
@@ -165,8 +151,8 @@ async fn two_instances_share_partitions_and_a_graceful_leave_hands_over() {
             .await
     );
     let (ca, cb) = (
-        consumed(port_a).await.unwrap_or(0),
-        consumed(port_b).await.unwrap_or(0),
+        requests_consumed(port_a).await.unwrap_or(0),
+        requests_consumed(port_b).await.unwrap_or(0),
     );
     assert!(ca > 0 && cb > 0, "both instances consumed: a={ca} b={cb}");
     assert_eq!(ca + cb, (N / 2) as u64, "each request consumed once");
