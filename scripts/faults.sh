@@ -5,7 +5,8 @@
 #   HERALD_FUZZ_CASES=${HERALD_FUZZ_CASES:-20000} cargo test --test fuzz
 # The long variant: 10 SIGKILLs during one load, 10,000 hostile requests,
 # three PostgreSQL crashes, a broker pause plus a broker kill+restart, larger
-# sink-failure loads. Scenarios run one at a time (they start their own
+# sink-failure loads, 6,000 requests for each two-instance scenario (one
+# member leaves gracefully / one is SIGKILLed and restarted). Scenarios run one at a time (they start their own
 # brokers, clusters and Herald processes). The fast variant is part of the
 # normal suite: `cargo test --test faults` (or scripts/test.sh).
 #

@@ -63,7 +63,9 @@ pub struct KafkaSettings {
     pub ensure_topics: bool,
     /// How often stored offsets are committed, in milliseconds.
     pub commit_interval_ms: u64,
-    /// How long in-flight work may take to finish on revoke and at shutdown.
+    /// How long in-flight work (everything already handed to a lane) may
+    /// take to finish on revoke and at shutdown; what is left at the deadline
+    /// is read again by the partition's next owner.
     pub drain_timeout_ms: u64,
     /// Raw librdkafka properties, applied last (override everything above).
     pub properties: BTreeMap<String, String>,
