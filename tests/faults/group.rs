@@ -87,6 +87,24 @@ async fn produce_until_both_working<'m>(
     }
 }
 
+/// Waits (at most `timeout`) until every id has a final outcome; fails with
+/// `what` and both members' logs otherwise.
+async fn all_finished(
+    outcomes: &mut TopicReader,
+    ids: &[String],
+    timeout: Duration,
+    what: &str,
+    (a, b): (&Member, &Member),
+) {
+    let done = read_events_until(outcomes, timeout, |e| all_final(e, ids)).await;
+    assert!(
+        done,
+        "{what}; log a:\n{}\nlog b:\n{}",
+        log_tail(&a.log),
+        log_tail(&b.log)
+    );
+}
+
 /// Two dynamic members (a static one that stops does not leave the group:
 /// KIP-345 expects it back). One is stopped with SIGTERM while its partitions
 /// have work; it finishes what it holds, commits and leaves, and the survivor
@@ -122,16 +140,14 @@ async fn one_of_two_instances_leaves_gracefully_mid_load_and_the_survivor_takes_
     let after = rest.len() as u64;
     produce_all(&p, &f.env.requests, rest.to_vec()).await;
 
-    let done = read_events_until(&mut outcomes, Duration::from_secs(240), |e| {
-        all_final(e, &ids)
-    })
+    all_finished(
+        &mut outcomes,
+        &ids,
+        Duration::from_secs(240),
+        "the survivor did not finish b's partitions",
+        (&a, &b),
+    )
     .await;
-    assert!(
-        done,
-        "the survivor did not finish b's partitions; log a:\n{}\nlog b:\n{}",
-        log_tail(&a.log),
-        log_tail(&b.log)
-    );
     let a_consumed = a.consumed().await;
     f.finish(&mut a.herald).await;
     let resent = f.assert_all_sent(&outcomes, &ids, &sink.counts()).await;
@@ -205,16 +221,14 @@ async fn one_of_two_static_instances_sigkilled_and_restarted_gets_its_partitions
     let mut b = Member::spawn(&f, std::slice::from_ref(&id_b), logs.join("b-run2.log"));
     produce_all(&p, &f.env.requests, last.to_vec()).await;
 
-    let done = read_events_until(&mut outcomes, Duration::from_secs(300), |e| {
-        all_final(e, &ids)
-    })
+    all_finished(
+        &mut outcomes,
+        &ids,
+        Duration::from_secs(300),
+        "not every request finished after b's restart",
+        (&a, &b),
+    )
     .await;
-    assert!(
-        done,
-        "not every request finished after b's restart; log a:\n{}\nlog b (after the restart):\n{}",
-        log_tail(&a.log),
-        log_tail(&b.log)
-    );
     let b_after = b.consumed().await;
     assert!(
         b_after > 0,
