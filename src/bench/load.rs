@@ -132,6 +132,9 @@ pub struct LoadResult {
     /// more (processed, durable, outcomes acknowledged). Independent of how
     /// fast the local broker serves the outcomes back to the reader.
     pub drained: Option<Duration>,
+    /// CPU of every process on the machine while the load ran (Herald runs
+    /// only; see [`super::machine`]).
+    pub machine: Option<super::machine::Usage>,
 }
 
 impl LoadResult {
@@ -388,6 +391,7 @@ fn summarize(
         sink_http: 0,
         sink_smtp: 0,
         drained: None,
+        machine: None,
     })
 }
 

@@ -8,6 +8,7 @@
 //! writes the report.
 
 pub mod load;
+pub mod machine;
 pub mod sinks;
 
 use std::path::PathBuf;
@@ -149,6 +150,7 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
         args.requests,
     );
     report.process("herald process", &stats, result.notifications);
+    report.machine("machine (max rate)", &result);
     report.counts("count check", &result);
 
     if !args.skip_fixed_rate && result.rate() > 0.0 {
@@ -159,6 +161,7 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
         let fixed = run.load(n, Some(rate), &nginx, &smtp).await?;
         let _ = run.stop().await?;
         report.result(&format!("herald at {rate}/s"), &fixed);
+        report.machine(&format!("machine at {rate}/s"), &fixed);
         report.counts(&format!("count check at {rate}/s"), &fixed);
         if !args.skip_baselines {
             let pt = load::passthrough(&brokers, args.partitions, n, Some(rate)).await?;
@@ -179,6 +182,7 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
         let samples = sampler.join().unwrap_or_default();
         report.result("soak", &soak);
         report.process("soak process", &stats, soak.notifications);
+        report.machine("machine (soak)", &soak);
         report.counts("soak count check", &soak);
         report.rss_samples(&samples);
     }
@@ -381,7 +385,9 @@ impl HeraldRun {
                 }
             }
         });
+        let cpu_before = machine::Snapshot::take();
         let mut r = load::herald_load(&self.brokers, &self.topics, &spec, n, rate).await?;
+        r.machine = Some(cpu_before.usage_until(&machine::Snapshot::take(), self.child.id()));
         let abort = watcher.abort_handle();
         r.drained = tokio::time::timeout(Duration::from_secs(5), watcher)
             .await
@@ -518,6 +524,13 @@ impl Report {
                 s.peak_rss_kib as f64 / 1024.0
             ),
         );
+    }
+
+    /// Where the machine's CPU went while the load ran.
+    fn machine(&mut self, what: &str, r: &LoadResult) {
+        if let Some(m) = &r.machine {
+            self.line(what, m.render());
+        }
     }
 
     /// Every request has exactly one final outcome and the sinks saw one

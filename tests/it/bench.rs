@@ -61,6 +61,8 @@ fn the_bench_runs_every_phase_and_every_count_check_passes() {
         "raw SMTP (Herald's adapter alone, pool of 16) → smtp-sink",
         "herald (max rate)",
         "herald process",
+        "machine (max rate)",
+        "machine (soak)",
         "soak RSS flat?",
         "herald / pass-through",
     ] {
@@ -80,6 +82,12 @@ fn the_bench_runs_every_phase_and_every_count_check_passes() {
         "{report}"
     );
     assert_eq!(rows(&report, "pass-through at").len(), 1, "{report}");
+    assert_eq!(rows(&report, "machine at").len(), 1, "{report}");
+    let machine = row(&report, "machine (max rate)")[0];
+    assert!(
+        machine.contains("herald serve") && machine.contains("machine idle"),
+        "{machine}"
+    );
 }
 
 #[test]
