@@ -106,9 +106,10 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
             "== baseline: pass-through consume→produce ({} messages)",
             args.requests
         );
-        let pt = load::passthrough(&brokers, args.partitions, args.requests, None).await?;
+        let pt = measured_passthrough(&brokers, args.partitions, args.requests, None).await?;
         report.pass_through = Some(pt.rate());
         report.result("pass-through (max rate)", &pt);
+        report.machine("machine (pass-through, max rate)", &pt);
         let n_http = args.requests.min(50_000);
         eprintln!("== baseline: reqwest → nginx ({n_http} requests)");
         let http = load::raw_http(&nginx.url("/raw"), n_http).await?;
@@ -164,8 +165,9 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
         report.machine(&format!("machine at {rate}/s"), &fixed);
         report.counts(&format!("count check at {rate}/s"), &fixed);
         if !args.skip_baselines {
-            let pt = load::passthrough(&brokers, args.partitions, n, Some(rate)).await?;
+            let pt = measured_passthrough(&brokers, args.partitions, n, Some(rate)).await?;
             report.result(&format!("pass-through at {rate}/s"), &pt);
+            report.machine(&format!("machine (pass-through at {rate}/s)"), &pt);
         }
     }
 
@@ -223,6 +225,20 @@ fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// The pass-through baseline, with the machine's CPU while it ran (it runs
+/// inside this process: its consumer and producer count as the bench's).
+async fn measured_passthrough(
+    brokers: &str,
+    partitions: i32,
+    n: usize,
+    rate: Option<u64>,
+) -> anyhow::Result<LoadResult> {
+    let before = machine::Snapshot::take();
+    let mut pt = load::passthrough(brokers, partitions, n, rate).await?;
+    pt.machine = Some(before.usage_until(&machine::Snapshot::take(), 0));
+    Ok(pt)
 }
 
 /// CPU seconds (user + system) of a process from /proc/PID/stat.

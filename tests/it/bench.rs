@@ -62,6 +62,7 @@ fn the_bench_runs_every_phase_and_every_count_check_passes() {
         "herald (max rate)",
         "herald process",
         "machine (max rate)",
+        "machine (pass-through, max rate)",
         "machine (soak)",
         "soak RSS flat?",
         "herald / pass-through",
@@ -83,6 +84,11 @@ fn the_bench_runs_every_phase_and_every_count_check_passes() {
     );
     assert_eq!(rows(&report, "pass-through at").len(), 1, "{report}");
     assert_eq!(rows(&report, "machine at").len(), 1, "{report}");
+    assert_eq!(
+        rows(&report, "machine (pass-through at").len(),
+        1,
+        "{report}"
+    );
     let machine = row(&report, "machine (max rate)")[0];
     assert!(
         machine.contains("herald serve") && machine.contains("machine idle"),
