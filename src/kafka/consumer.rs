@@ -58,11 +58,15 @@ struct PartitionState {
 struct PartitionInner {
     /// Which offsets are done, in order.
     tracker: OffsetTracker,
+    /// Messages handed to a lane and not started yet.
+    queued: usize,
     /// Messages started and not settled: being processed, or processed and
     /// waiting for their acknowledgements.
     running: usize,
-    /// Set once a revoke/shutdown drain ends: queued messages are not started
-    /// any more.
+    /// Set when a revoke/shutdown drain starts: a failing message is given up
+    /// (left for the next owner) instead of retried.
+    draining: bool,
+    /// Set once the drain ends: queued messages are not started any more.
     revoked: bool,
 }
 
@@ -71,7 +75,9 @@ impl PartitionState {
         Arc::new(PartitionState {
             inner: Mutex::new(PartitionInner {
                 tracker: OffsetTracker::new(),
+                queued: 0,
                 running: 0,
+                draining: false,
                 revoked: false,
             }),
             settled: Condvar::new(),
@@ -83,11 +89,25 @@ impl PartitionState {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Records a message handed to a lane.
+    fn dispatched(&self, offset: i64) {
+        let mut g = self.lock();
+        g.tracker.begin(offset);
+        g.queued += 1;
+    }
+
+    /// Whether a failing message should be given up rather than retried.
+    fn draining(&self) -> bool {
+        self.lock().draining
+    }
+
     /// Lets the lanes finish every message handed to them, then marks the
-    /// partition revoked. Waits until every dispatched offset is complete or
+    /// partition revoked. Waits until nothing is queued or running, or
     /// `deadline`; past it, queued messages are not started any more and are
-    /// left for the next owner. Returns how many messages were still running
-    /// at the deadline.
+    /// left for the next owner. A message that fails while draining is given
+    /// up, not retried (it is left for the next owner too), so a database or
+    /// broker outage does not hold the drain until its deadline. Returns how
+    /// many messages were still running at the deadline.
     ///
     /// Finishing the queue, not only what already runs, is what makes a
     /// hand-over clean: lanes complete out of order, so a message left in one
@@ -96,7 +116,8 @@ impl PartitionState {
     /// its outcomes).
     fn revoke_and_drain(&self, deadline: Instant) -> usize {
         let mut g = self.lock();
-        while g.tracker.outstanding() > 0 {
+        g.draining = true;
+        while g.queued + g.running > 0 {
             let now = Instant::now();
             if now >= deadline {
                 break;
@@ -196,15 +217,8 @@ impl ConsumerContext for HeraldContext {
         if let Rebalance::Revoke(tpl) = rebalance {
             let keys = tpl_keys(tpl);
             tracing::info!(partitions = ?keys, "partitions revoked: draining in-flight work");
-            self.shared.drain(Some(keys.clone()));
-            match consumer.commit_consumer_state(CommitMode::Sync) {
-                Ok(()) => tracing::info!(partitions = ?keys, "offsets committed on revoke"),
-                // NoOffset just means nothing new was stored.
-                Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "commit on revoke failed: the next owner re-reads from the last commit")
-                }
-            }
+            self.shared.drain(Some(keys));
+            commit_drained(consumer, "on revoke");
         }
     }
 
@@ -228,6 +242,18 @@ impl ConsumerContext for HeraldContext {
         if let Err(e) = result {
             tracing::debug!(error = %e, "offset commit");
         }
+    }
+}
+
+/// Commits what a drain stored, `when` ("on revoke", "at shutdown") naming
+/// the occasion in the log. Nothing new stored is not an error; a failed
+/// commit means the next owner re-reads from the last one.
+fn commit_drained(consumer: &BaseConsumer<HeraldContext>, when: &str) {
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => tracing::info!("offsets committed {when}"),
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(error = %e,
+            "offset commit {when} failed: the next owner re-reads from the last commit"),
     }
 }
 
@@ -410,10 +436,7 @@ impl RequestConsumer {
         tracing::info!("consumer stopping: draining in-flight work");
         self.shared.drain(None);
         lanes.clear();
-        match self.consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) => tracing::info!("offsets committed at shutdown"),
-            Err(e) => tracing::debug!(error = %e, "commit at shutdown"),
-        }
+        commit_drained(&self.consumer, "at shutdown");
         // Close now, on this thread, rather than whenever the last handle is
         // dropped: a dynamic member leaves the group at once so survivors
         // take its partitions; a static member (group.instance.id) keeps them
@@ -472,7 +495,7 @@ impl RequestConsumer {
         if entry.lanes.is_empty() {
             entry.lanes.resize_with(self.partition_concurrency, || None);
         }
-        state.lock().tracker.begin(job.message.offset);
+        state.dispatched(job.message.offset);
         let lane = lane_for(&job.message, self.partition_concurrency);
         let sender = entry.lanes[lane].get_or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -559,7 +582,7 @@ impl OffsetSink for BaseConsumer<HeraldContext> {
 /// events enqueued); its broker acknowledgements are awaited by a task of
 /// its own ([`await_acks`]), which then settles the offset. Infrastructure
 /// failures (database, broker) are retried with backoff: the message is
-/// never skipped, only left unsettled when the partition is revoked or
+/// never skipped, only left unsettled when the partition is drained or
 /// Herald shuts down.
 async fn run_lane(
     mut rx: mpsc::UnboundedReceiver<Job>,
@@ -571,6 +594,7 @@ async fn run_lane(
     while let Some(job) = rx.recv().await {
         {
             let mut g = state.lock();
+            g.queued -= 1;
             if g.revoked {
                 continue;
             }
@@ -603,7 +627,7 @@ async fn run_lane(
 }
 
 /// Runs `handler` on `m` inside `acks` until it succeeds (`true`) or the
-/// partition is revoked / Herald stops (`false`).
+/// partition is drained / Herald stops (`false`).
 async fn process(
     handler: &dyn Handler,
     m: &SourceMessage,
@@ -619,7 +643,7 @@ async fn process(
                 tracing::warn!(topic = %m.topic, partition = m.partition, offset = m.offset,
                     error = %e, retry_in_ms = backoff.as_millis() as u64, "processing failed; retrying");
                 handler.retried(e.stage());
-                if state.lock().revoked || shutdown.is_cancelled() {
+                if state.draining() || shutdown.is_cancelled() {
                     return false;
                 }
                 tokio::time::sleep(backoff).await;
@@ -650,7 +674,7 @@ async fn await_acks(
                 tracing::warn!(topic = %m.topic, partition = m.partition, offset = m.offset,
                     error = %e, "outcome not acknowledged; processing the request again");
                 handler.retried("publish");
-                if state.lock().revoked || shutdown.is_cancelled() {
+                if state.draining() || shutdown.is_cancelled() {
                     break false;
                 }
                 if !process(handler.as_ref(), m, &acks, &state, &shutdown).await {
@@ -824,7 +848,7 @@ mod tests {
         }
 
         fn send(&self, offset: i64) {
-            self.state.lock().tracker.begin(offset);
+            self.state.dispatched(offset);
             let job = Job {
                 message: SourceMessage {
                     topic: "t".into(),
@@ -847,6 +871,13 @@ mod tests {
 
         fn running(&self) -> usize {
             self.state.lock().running
+        }
+
+        /// Drains the lane's partition on a blocking thread (as the
+        /// rebalance callback would) with a deadline `within` from now.
+        fn drain(&self, within: Duration) -> tokio::task::JoinHandle<usize> {
+            let state = self.state.clone();
+            tokio::task::spawn_blocking(move || state.revoke_and_drain(Instant::now() + within))
         }
 
         fn in_flight(&self) -> usize {
@@ -942,17 +973,9 @@ mod tests {
         let lane = Lane::start(fake.clone());
         lane.send(0);
         eventually("processed", || fake.pending() == 1).await;
-        let state = lane.state.clone();
-        let left = tokio::task::spawn_blocking(move || {
-            state.revoke_and_drain(Instant::now() + Duration::from_millis(50))
-        })
-        .await
-        .unwrap();
+        let left = lane.drain(Duration::from_millis(50)).await.unwrap();
         assert_eq!(left, 1, "the message waiting for its ack is still running");
-        let state = lane.state.clone();
-        let drain = tokio::task::spawn_blocking(move || {
-            state.revoke_and_drain(Instant::now() + Duration::from_secs(5))
-        });
+        let drain = lane.drain(Duration::from_secs(5));
         settle_tasks().await;
         assert!(!drain.is_finished());
         fake.ack(0, AckKind::Outcome, true);
@@ -995,10 +1018,7 @@ mod tests {
             lane.send(offset);
         }
         eventually("the first one runs", || lane.running() == 1).await;
-        let state = lane.state.clone();
-        let drain = tokio::task::spawn_blocking(move || {
-            state.revoke_and_drain(Instant::now() + Duration::from_secs(5))
-        });
+        let drain = lane.drain(Duration::from_secs(5));
         settle_tasks().await;
         assert!(!drain.is_finished(), "two messages still queued");
         handler.gate.add_permits(3);
@@ -1018,18 +1038,48 @@ mod tests {
         lane.send(0);
         lane.send(1);
         eventually("the first one runs", || lane.running() == 1).await;
-        let state = lane.state.clone();
-        let left = tokio::task::spawn_blocking(move || {
-            state.revoke_and_drain(Instant::now() + Duration::from_millis(50))
-        })
-        .await
-        .unwrap();
+        let left = lane.drain(Duration::from_millis(50)).await.unwrap();
         assert_eq!(left, 1, "the first one is still running");
         handler.gate.add_permits(2);
         eventually("settled", || lane.running() == 0).await;
         settle_tasks().await;
         assert_eq!(*handler.calls.lock().unwrap(), vec![0], "1 is not started");
         assert_eq!(lane.stored.offsets(), vec![0], "offset 1 is read again");
+    }
+
+    /// Fails every message as an infrastructure error (retried until the
+    /// partition is drained).
+    struct Failing(AtomicUsize);
+
+    impl Handler for Failing {
+        fn handle<'a>(&'a self, m: &'a SourceMessage) -> BoxFuture<'a, Result<(), PipelineError>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { Err(PipelineError::SendInProgress(m.offset.to_string())) })
+        }
+
+        fn retried(&self, _stage: &'static str) {}
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drain_does_not_wait_out_its_deadline_for_messages_that_keep_failing() {
+        // The database is down: every message fails and is retried. A drain
+        // gives each one up at its next failure (the next owner retries it)
+        // rather than holding the rebalance or the shutdown for the deadline.
+        let handler = Arc::new(Failing(AtomicUsize::new(0)));
+        let lane = Lane::start(handler.clone());
+        lane.send(0);
+        lane.send(1);
+        eventually("the first one failed", || {
+            handler.0.load(Ordering::SeqCst) > 0
+        })
+        .await;
+        let drain = lane.drain(Duration::from_secs(60));
+        eventually("the drain ended long before its deadline", || {
+            drain.is_finished()
+        })
+        .await;
+        assert_eq!(drain.await.unwrap(), 0, "nothing left running");
+        assert!(lane.stored.offsets().is_empty(), "both are read again");
     }
 
     #[tokio::test]
@@ -1039,7 +1089,7 @@ mod tests {
         lane.send(0);
         lane.send(1);
         eventually("processed", || fake.pending() == 2).await;
-        lane.state.lock().revoked = true;
+        lane.state.lock().draining = true;
         fake.ack(0, AckKind::Outcome, false);
         fake.ack(1, AckKind::Outcome, true);
         eventually("settled", || lane.running() == 0).await;
