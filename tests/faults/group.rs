@@ -235,8 +235,7 @@ async fn one_of_two_static_instances_sigkilled_and_restarted_gets_its_partitions
         "the restarted member got no partitions back; its log:\n{}",
         log_tail(&b.log)
     );
-    f.finish(&mut b.herald).await;
-    f.finish(&mut a.herald).await;
+    f.finish_all(&mut [&mut a.herald, &mut b.herald]).await;
     let resent = f.assert_all_sent(&outcomes, &ids, &sink.counts()).await;
     eprintln!("static kill: b consumed {b_after} after its restart; {resent} crash-window resends");
 }

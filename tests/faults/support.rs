@@ -335,11 +335,22 @@ impl Faults {
     /// request partition's committed offset reached its end (lag 0) and
     /// that Herald is still up, then stops Herald with SIGTERM.
     pub async fn finish(&self, herald: &mut HeraldProcess) {
+        self.finish_all(&mut [herald]).await;
+    }
+
+    /// [`Faults::finish`] for several instances of one group: every one of
+    /// them must still be up.
+    pub async fn finish_all(&self, heralds: &mut [&mut HeraldProcess]) {
         self.wait_quiet(Duration::from_secs(300)).await;
         let lag = self.wait_lag_zero(Duration::from_secs(60)).await;
-        let up = herald.child.try_wait().ok().flatten().is_none();
-        herald.terminate();
-        assert!(up, "herald is still up");
+        let up: Vec<bool> = heralds
+            .iter_mut()
+            .map(|h| h.child.try_wait().ok().flatten().is_none())
+            .collect();
+        for h in heralds.iter_mut() {
+            h.terminate();
+        }
+        assert!(up.iter().all(|u| *u), "every herald is still up: {up:?}");
         assert!(lag.is_ok(), "a partition is stuck: {lag:?}");
     }
 
@@ -749,13 +760,7 @@ impl FaultSink {
         let app = axum::Router::new()
             .route("/{mode}/{*rest}", axum::routing::post(fault_handler))
             .with_state(received.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let addr = serve(app).await;
         FaultSink { addr, received }
     }
 

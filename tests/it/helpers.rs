@@ -526,6 +526,19 @@ pub struct HttpSink {
     pub headers: Arc<Mutex<Vec<(String, String)>>>,
 }
 
+/// Serves `app` on 127.0.0.1 (a port the kernel picks, held while the test
+/// runs); returns its address.
+pub async fn serve(app: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}
+
 impl HttpSink {
     pub async fn start() -> HttpSink {
         let received = Arc::new(Mutex::new(Vec::new()));
@@ -535,13 +548,7 @@ impl HttpSink {
         let app = axum::Router::new()
             .route("/{*path}", axum::routing::post(record))
             .with_state(state);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let addr = serve(app).await;
         HttpSink {
             addr,
             received,

@@ -430,13 +430,7 @@ async fn deliveries_of_all_batches_together_stay_within_the_instance_bound() {
             }),
         )
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let addr = serve(app).await;
 
     let env = TestEnv::new(1).await;
     let app = RunningApp::start(env.settings(&[(
