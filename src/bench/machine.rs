@@ -118,6 +118,12 @@ impl Usage {
     }
 }
 
+/// CPU seconds (user + system) process `pid` has used so far.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&stat).map(|(_, ticks)| ticks as f64 / TICKS_PER_SECOND)
+}
+
 /// (command name, user + system ticks) from the text of `/proc/PID/stat`.
 fn parse_stat(s: &str) -> Option<(String, u64)> {
     let open = s.find('(')?;

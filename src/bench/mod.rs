@@ -241,16 +241,6 @@ async fn measured_passthrough(
     Ok(pt)
 }
 
-/// CPU seconds (user + system) of a process from /proc/PID/stat.
-fn proc_cpu_seconds(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = f.get(11)?.parse().ok()?;
-    let stime: f64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) / 100.0) // USER_HZ is 100 on Linux
-}
-
 /// CPU and memory of a finished herald run.
 #[derive(Debug, Clone, Default)]
 pub struct ProcessStats {
@@ -348,7 +338,7 @@ impl HeraldRun {
         load::warm_up(&brokers, &topics, &spec)
             .await
             .context("warming up herald")?;
-        let cpu_at_start = proc_cpu_seconds(child.id()).unwrap_or(0.0);
+        let cpu_at_start = machine::cpu_seconds(child.id()).unwrap_or(0.0);
         Ok(HeraldRun {
             child,
             http_port,
@@ -419,7 +409,7 @@ impl HeraldRun {
 
     async fn stop(mut self) -> anyhow::Result<ProcessStats> {
         let pid = self.child.id();
-        let cpu = proc_cpu_seconds(pid).unwrap_or(0.0) - self.cpu_at_start;
+        let cpu = machine::cpu_seconds(pid).unwrap_or(0.0) - self.cpu_at_start;
         let peak = proc_status_kib(pid, "VmHWM:").unwrap_or(0);
         let _ = Command::new("kill")
             .arg("-TERM")
