@@ -29,6 +29,88 @@ pub enum Mix {
     Mixed,
 }
 
+/// Whether Herald applies recipient policy in a run (`--policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PolicyMode {
+    /// Policy on (Herald's default), with stored preferences for a share of
+    /// the bench's users (see [`store_preferences`]).
+    On,
+    /// `policy.enabled = false`: no preference lookups, nothing suppressed.
+    Off,
+    /// The max-rate run twice, with policy and without, and their ratio.
+    Compare,
+}
+
+/// The bench's recipients: request `i` goes to `user-{i % USERS}` of tenant
+/// [`TENANT`].
+pub const USERS: usize = 10_000;
+pub const TENANT: &str = "bench";
+/// The category of every bench request. Users who muted it get `suppressed`.
+pub const CATEGORY: &str = "bench-news";
+
+/// Users (by index) with stored preferences, and what they store:
+/// - every 10th: quiet hours (Asia/Tokyo), six hours away from the run, so
+///   they are looked up and evaluated but never in force;
+/// - every 20th: at most 1,000 notifications per hour on the channel, so the
+///   cap check reads the user's recent sends;
+/// - every 100th: the bench's category muted, so their notifications are
+///   `suppressed` (see [`suppressed`]).
+fn has_preferences(user: usize) -> bool {
+    user.is_multiple_of(10)
+}
+fn capped(user: usize) -> bool {
+    user.is_multiple_of(20)
+}
+fn muted(user: usize) -> bool {
+    user.is_multiple_of(100)
+}
+
+/// Stores the bench users' preferences (above) in the run's database, one
+/// record per channel of `mix`, through Herald's own store. Returns how many
+/// users have one.
+pub async fn store_preferences(database_url: &str, mix: Mix) -> anyhow::Result<usize> {
+    use crate::domain::Channel;
+    use crate::policy::PreferenceRecord;
+    let pool = sqlx::PgPool::connect(database_url)
+        .await
+        .context("connecting to the run's database")?;
+    let store = crate::store::PreferenceStore::new(pool.clone());
+    let channels: &[Channel] = match mix {
+        Mix::Webhook => &[Channel::Webhook],
+        Mix::Email => &[Channel::Email],
+        Mix::Mixed => &[Channel::Webhook, Channel::Email],
+    };
+    let zone = chrono_tz::Asia::Tokyo;
+    let local = chrono::Utc::now().with_timezone(&zone).time();
+    let start = local + chrono::Duration::hours(6);
+    let end = start + chrono::Duration::hours(1);
+    let now = chrono::Utc::now();
+    let users: Vec<usize> = (0..USERS).filter(|u| has_preferences(*u)).collect();
+    for &u in &users {
+        for &channel in channels {
+            let mut r = PreferenceRecord::empty(TENANT, &format!("user-{u}"), channel, now);
+            r.quiet_hours_start = Some(start);
+            r.quiet_hours_end = Some(end);
+            r.quiet_hours_timezone = Some(zone.name().to_string());
+            if capped(u) {
+                r.max_per_hour = Some(1_000);
+            }
+            if muted(u) {
+                r.muted_categories = Some(vec![CATEGORY.to_string()]);
+            }
+            store.upsert(&r).await?;
+        }
+    }
+    pool.close().await;
+    Ok(users.len())
+}
+
+/// How many of the notifications of requests `0..n` (`batch` recipients
+/// each) stored preferences suppress when policy is on.
+pub fn suppressed(n: usize, batch: usize) -> usize {
+    (0..n).filter(|i| muted(i % USERS)).count() * batch.max(1)
+}
+
 /// How requests are built.
 pub struct RequestSpec {
     pub mix: Mix,
@@ -125,6 +207,10 @@ pub struct LoadResult {
     pub latency_ms: Latencies,
     pub final_distinct: usize,
     pub duplicate_finals: usize,
+    /// Final outcomes that are `suppressed`, and how many stored preferences
+    /// should suppress.
+    pub suppressed: usize,
+    pub expected_suppressed: usize,
     pub sink_http: usize,
     pub sink_smtp: usize,
     /// Herald's own view (from its `/metrics`): time from the start of the
@@ -165,8 +251,18 @@ struct OutcomeView {
     event_id: String,
 }
 
+/// The final outcomes a reader saw.
+struct Finals {
+    /// Arrival time of each notification's first final outcome.
+    arrivals: HashMap<String, Instant>,
+    /// Final outcomes with a different `event_id` than the first.
+    duplicates: usize,
+    /// First final outcomes that are `suppressed`.
+    suppressed: usize,
+}
+
 /// Reads `topic` from the beginning until `expected` distinct final outcomes
-/// arrived (or nothing new for `idle`); returns arrival time per notification.
+/// arrived (or nothing new for `idle`).
 fn read_finals(
     brokers: &str,
     topic: &str,
@@ -175,7 +271,7 @@ fn read_finals(
     idle: Duration,
     stop: Arc<AtomicBool>,
     prefix: String,
-) -> anyhow::Result<(HashMap<String, Instant>, usize)> {
+) -> anyhow::Result<Finals> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("bench-reader-{}", uuid::Uuid::new_v4()))
@@ -190,6 +286,7 @@ fn read_finals(
     let mut arrivals: HashMap<String, Instant> = HashMap::with_capacity(expected);
     let mut events: HashMap<String, String> = HashMap::with_capacity(expected);
     let mut duplicates = 0;
+    let mut suppressed = 0;
     let mut last_progress = Instant::now();
     let mut last_print = Instant::now();
     while arrivals.len() < expected && !stop.load(Ordering::Relaxed) {
@@ -215,6 +312,9 @@ fn read_finals(
             Some(prev) if *prev != o.event_id => duplicates += 1,
             Some(_) => {}
             None => {
+                if o.status == "suppressed" {
+                    suppressed += 1;
+                }
                 events.insert(id.clone(), o.event_id);
                 arrivals.insert(id, now);
                 last_progress = now;
@@ -225,7 +325,11 @@ fn read_finals(
             last_print = Instant::now();
         }
     }
-    Ok((arrivals, duplicates))
+    Ok(Finals {
+        arrivals,
+        duplicates,
+        suppressed,
+    })
 }
 
 fn producer(brokers: &str) -> anyhow::Result<FutureProducer> {
@@ -285,7 +389,7 @@ fn build_request(spec: &RequestSpec, run: &str, i: usize) -> (String, String, Ve
         Mix::Email => true,
         Mix::Mixed => i % 2 == 1,
     };
-    let user = format!("user-{}", i % 10_000);
+    let user = format!("user-{}", i % USERS);
     let recipient = |k: usize| {
         if email {
             serde_json::json!({ "email": format!("{user}.{k}@example.com"), "user_id": user })
@@ -293,7 +397,12 @@ fn build_request(spec: &RequestSpec, run: &str, i: usize) -> (String, String, Ve
             serde_json::json!({ "url": spec.webhook_url, "user_id": user })
         }
     };
-    let mut r = serde_json::json!({ "id": id, "tenant_id": "bench", "channel": if email { "email" } else { "webhook" } });
+    let mut r = serde_json::json!({
+        "id": id,
+        "tenant_id": TENANT,
+        "channel": if email { "email" } else { "webhook" },
+        "category": CATEGORY,
+    });
     if spec.batch > 1 {
         r["recipients"] = serde_json::Value::Array((0..spec.batch).map(recipient).collect());
     } else {
@@ -347,20 +456,20 @@ pub async fn herald_load(
         build_request(spec, &run, i)
     })
     .await?;
-    let (arrivals, duplicates) = tokio::task::spawn_blocking(move || reader.join())
+    let finals = tokio::task::spawn_blocking(move || reader.join())
         .await?
         .map_err(|_| anyhow::anyhow!("outcome reader panicked"))??;
     stop.store(true, Ordering::Relaxed);
-    summarize(&sent, start, arrivals, duplicates, expected)
+    summarize(&sent, start, finals, expected)
 }
 
 fn summarize(
     sent: &HashMap<String, Instant>,
     start: Instant,
-    arrivals: HashMap<String, Instant>,
-    duplicates: usize,
+    finals: Finals,
     expected: usize,
 ) -> anyhow::Result<LoadResult> {
+    let arrivals = finals.arrivals;
     let mut lat = Vec::with_capacity(arrivals.len());
     let mut last = start;
     for (id, at) in &arrivals {
@@ -387,7 +496,9 @@ fn summarize(
         elapsed: last.saturating_duration_since(start),
         latency_ms: Latencies(lat),
         final_distinct: arrivals.len(),
-        duplicate_finals: duplicates,
+        duplicate_finals: finals.duplicates,
+        suppressed: finals.suppressed,
+        expected_suppressed: 0,
         sink_http: 0,
         sink_smtp: 0,
         drained: None,
@@ -649,4 +760,25 @@ pub fn consumed_and_in_flight(page: &str) -> (u64, i64) {
         }
     }
     (consumed, in_flight)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_preferences_suppress_the_requests_of_every_hundredth_user() {
+        assert_eq!(suppressed(0, 1), 0);
+        assert_eq!(suppressed(1, 1), 1);
+        assert_eq!(suppressed(250, 1), 3);
+        assert_eq!(suppressed(250, 3), 9);
+        // Users wrap around at USERS: request 10,000 goes to user-0 again.
+        assert_eq!(suppressed(USERS + 1, 1), 101);
+        for u in 0..USERS {
+            // Whoever is muted or capped has a stored record.
+            if muted(u) || capped(u) {
+                assert!(has_preferences(u), "user-{u}");
+            }
+        }
+    }
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::config::Settings;
-use load::{LoadResult, Mix};
+use load::{LoadResult, Mix, PolicyMode};
 
 /// Options of one benchmark run.
 #[derive(Debug, Clone, clap::Args)]
@@ -38,6 +38,13 @@ pub struct BenchArgs {
     /// Recipients per request (batch requests when > 1).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// Recipient policy: `on` (a share of the bench's 10,000 users have
+    /// stored preferences: quiet hours, a frequency cap, and 1 in 100 muted
+    /// the bench's category, so their notifications are `suppressed`), `off`
+    /// (`policy.enabled = false`), or `compare` (the max-rate run with and
+    /// without policy, and their ratio).
+    #[arg(long, value_enum, default_value_t = PolicyMode::On)]
+    pub policy: PolicyMode,
     /// The herald binary to run (default: target/release/herald).
     #[arg(long)]
     pub herald_bin: Option<PathBuf>,
@@ -86,6 +93,14 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
             bin.display()
         );
     }
+    if args
+        .set
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("HERALD_POLICY__ENABLED"))
+    {
+        bail!("use --policy on|off|compare rather than --set HERALD_POLICY__ENABLED");
+    }
+    let policy = args.policy != PolicyMode::Off;
     let nginx = sinks::NginxSink::start()?;
     let smtp = sinks::SmtpSinkCounter::start()?;
     let mut report = Report::new(&args, command_line);
@@ -140,7 +155,7 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
         "== herald: {} requests, mix {:?}, as fast as possible",
         args.requests, args.mix
     );
-    let run = HeraldRun::start(&bin, settings, &args, &nginx, &smtp).await?;
+    let run = HeraldRun::start(&bin, settings, &args, &nginx, &smtp, policy).await?;
     let result = run.load(args.requests, None, &nginx, &smtp).await?;
     let stats = run.stop().await?;
     report.herald = Some(result.rate());
@@ -154,11 +169,26 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
     report.machine("machine (max rate)", &result);
     report.counts("count check", &result);
 
+    if args.policy == PolicyMode::Compare {
+        eprintln!(
+            "== herald without policy: {} requests, as fast as possible",
+            args.requests
+        );
+        let run = HeraldRun::start(&bin, settings, &args, &nginx, &smtp, false).await?;
+        let off = run.load(args.requests, None, &nginx, &smtp).await?;
+        let stats = run.stop().await?;
+        report.herald_policy_off = Some(off.rate());
+        report.result("herald (max rate, policy off)", &off);
+        report.process("herald process (policy off)", &stats, off.notifications);
+        report.machine("machine (max rate, policy off)", &off);
+        report.counts("count check (policy off)", &off);
+    }
+
     if !args.skip_fixed_rate && result.rate() > 0.0 {
         let rate = (result.rate() / 2.0).max(1.0) as u64;
         let n = (rate as usize * 10).clamp(1000, args.requests.max(1000));
         eprintln!("== fixed rate {rate}/s ({n} requests): herald, then pass-through");
-        let run = HeraldRun::start(&bin, settings, &args, &nginx, &smtp).await?;
+        let run = HeraldRun::start(&bin, settings, &args, &nginx, &smtp, policy).await?;
         let fixed = run.load(n, Some(rate), &nginx, &smtp).await?;
         let _ = run.stop().await?;
         report.result(&format!("herald at {rate}/s"), &fixed);
@@ -176,7 +206,7 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
             "== soak: {n} requests at {}/s, sampling RSS",
             args.soak_rate
         );
-        let run = HeraldRun::start(&bin, settings, &args, &nginx, &smtp).await?;
+        let run = HeraldRun::start(&bin, settings, &args, &nginx, &smtp, policy).await?;
         let pid = run.child.id();
         let sampler = std::thread::spawn(move || sample_rss(pid));
         let soak = run.load(n, Some(args.soak_rate), &nginx, &smtp).await?;
@@ -257,6 +287,8 @@ struct HeraldRun {
     mix: Mix,
     template: bool,
     batch: usize,
+    /// Whether policy is on (and the bench's preferences stored).
+    policy: bool,
     brokers: String,
     cpu_at_start: f64,
     admin_database_url: String,
@@ -269,6 +301,7 @@ impl HeraldRun {
         args: &BenchArgs,
         nginx: &sinks::NginxSink,
         smtp: &sinks::SmtpSinkCounter,
+        policy: bool,
     ) -> anyhow::Result<HeraldRun> {
         let brokers = settings.kafka.brokers.clone();
         let topics = load::Topics::create(&brokers, args.partitions).await?;
@@ -289,7 +322,8 @@ impl HeraldRun {
                 "HERALD_KAFKA__GROUP_ID".into(),
                 format!("bench-{}", topics.id),
             ),
-            ("HERALD_DATABASE__URL".into(), db),
+            ("HERALD_DATABASE__URL".into(), db.clone()),
+            ("HERALD_POLICY__ENABLED".into(), policy.to_string()),
             ("HERALD_HTTP__BIND".into(), format!("127.0.0.1:{http_port}")),
             ("HERALD_SMTP__HOST".into(), "127.0.0.1".into()),
             ("HERALD_SMTP__PORT".into(), smtp.port.to_string()),
@@ -329,6 +363,13 @@ impl HeraldRun {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // Stored before the first request, so no cache holds their absence.
+        if policy {
+            let users = load::store_preferences(&db, args.mix)
+                .await
+                .context("storing the bench users' preferences")?;
+            eprintln!("  stored preferences for {users} of {} users", load::USERS);
+        }
         let spec = load::RequestSpec {
             mix: args.mix,
             template: args.template,
@@ -346,6 +387,7 @@ impl HeraldRun {
             mix: args.mix,
             template: args.template,
             batch: args.batch,
+            policy,
             brokers,
             cpu_at_start,
             admin_database_url: args.admin_database_url.clone(),
@@ -393,6 +435,9 @@ impl HeraldRun {
         });
         let cpu_before = machine::Snapshot::take();
         let mut r = load::herald_load(&self.brokers, &self.topics, &spec, n, rate).await?;
+        if self.policy {
+            r.expected_suppressed = load::suppressed(n, self.batch);
+        }
         r.machine = Some(cpu_before.usage_until(&machine::Snapshot::take(), self.child.id()));
         let abort = watcher.abort_handle();
         r.drained = tokio::time::timeout(Duration::from_secs(5), watcher)
@@ -432,6 +477,8 @@ struct Report {
     lines: Vec<(String, String)>,
     pass_through: Option<f64>,
     herald: Option<f64>,
+    /// The max-rate run without policy (`--policy compare`).
+    herald_policy_off: Option<f64>,
     raw_http: Option<f64>,
     raw_smtp: Option<f64>,
     raw_lettre: Option<f64>,
@@ -461,7 +508,7 @@ impl Report {
             })
             .unwrap_or(0);
         let header = format!(
-            "\n## {} — commit {commit}\n\nMachine: {cores} cores, {:.0} GiB. Broker, PostgreSQL, sinks, load generator and Herald co-located.\n\nCommand: `{command_line}`\n\nMix: {:?}, template: {}, batch: {}, partitions: {}, requests: {}\n\n",
+            "\n## {} — commit {commit}\n\nMachine: {cores} cores, {:.0} GiB. Broker, PostgreSQL, sinks, load generator and Herald co-located.\n\nCommand: `{command_line}`\n\nMix: {:?}, template: {}, batch: {}, partitions: {}, requests: {}, policy: {:?}\n\n",
             chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
             mem_kib as f64 / 1024.0 / 1024.0,
             args.mix,
@@ -469,12 +516,14 @@ impl Report {
             args.batch,
             args.partitions,
             args.requests,
+            args.policy,
         );
         Report {
             header,
             lines: Vec::new(),
             pass_through: None,
             herald: None,
+            herald_policy_off: None,
             raw_http: None,
             raw_smtp: None,
             raw_lettre: None,
@@ -539,15 +588,19 @@ impl Report {
         }
     }
 
-    /// Every request has exactly one final outcome and the sinks saw one
-    /// message per notification; a failure is also remembered in
-    /// `mismatches`, and makes the run exit non-zero.
+    /// Every request has exactly one final outcome, exactly the
+    /// notifications the stored preferences mute are `suppressed`, and the
+    /// sinks saw one message per other notification; a failure is also
+    /// remembered in `mismatches`, and makes the run exit non-zero.
     fn counts(&mut self, what: &str, r: &LoadResult) {
-        let ok = r.final_distinct == r.notifications && r.duplicate_finals == 0;
+        let ok = r.final_distinct == r.notifications
+            && r.duplicate_finals == 0
+            && r.suppressed == r.expected_suppressed;
+        let sendable = r.notifications.saturating_sub(r.expected_suppressed);
         let sink = match self.mix {
-            Mix::Webhook => r.sink_http == r.notifications,
-            Mix::Email => r.sink_smtp == r.notifications,
-            Mix::Mixed => r.sink_http + r.sink_smtp == r.notifications,
+            Mix::Webhook => r.sink_http == sendable,
+            Mix::Email => r.sink_smtp == sendable,
+            Mix::Mixed => r.sink_http + r.sink_smtp == sendable,
         };
         if !(ok && sink) {
             self.mismatches.push(what.to_string());
@@ -555,10 +608,12 @@ impl Report {
         self.line(
             what,
             format!(
-                "{} final outcomes for {} notifications ({} duplicate finals), sinks saw http {} + smtp {}: {}",
+                "{} final outcomes for {} notifications ({} duplicate finals; {} suppressed, {} expected), sinks saw http {} + smtp {}: {}",
                 r.final_distinct,
                 r.notifications,
                 r.duplicate_finals,
+                r.suppressed,
+                r.expected_suppressed,
                 r.sink_http,
                 r.sink_smtp,
                 if ok && sink { "OK" } else { "MISMATCH" }
@@ -598,6 +653,12 @@ impl Report {
         }
         if let (Some(h), Some(p)) = (self.herald, self.pass_through) {
             s.push_str(&format!("| herald / pass-through | {:.2} |\n", h / p));
+        }
+        if let (Some(on), Some(off)) = (self.herald, self.herald_policy_off) {
+            s.push_str(&format!(
+                "| herald policy on / policy off | {:.2} |\n",
+                on / off
+            ));
         }
         match self.mix {
             Mix::Webhook => {

@@ -78,8 +78,11 @@ fn the_bench_runs_every_phase_and_every_count_check_passes() {
     for c in &checks {
         assert!(c.contains("sinks saw http") && c.ends_with(": OK |"), "{c}");
     }
+    // Requests 0, 100, 200 and 300 go to users who muted the bench's category.
     assert!(
-        row(&report, "count check")[0].contains("400 final outcomes for 400 notifications"),
+        row(&report, "count check")[0].contains(
+            "400 final outcomes for 400 notifications (0 duplicate finals; 4 suppressed, 4 expected), sinks saw http 396 + smtp 0: OK"
+        ),
         "{report}"
     );
     assert_eq!(rows(&report, "pass-through at").len(), 1, "{report}");
@@ -115,7 +118,68 @@ fn the_email_bench_counts_every_message_at_the_smtp_sink() {
     let check = row(&report, "count check");
     assert_eq!(check.len(), 1, "{report}");
     assert!(
-        check[0].contains("200 final outcomes for 200 notifications (0 duplicate finals), sinks saw http 0 + smtp 200: OK"),
+        check[0].contains("200 final outcomes for 200 notifications (0 duplicate finals; 2 suppressed, 2 expected), sinks saw http 0 + smtp 198: OK"),
         "{report}"
     );
+}
+
+#[test]
+fn the_policy_comparison_runs_with_and_without_stored_preferences() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("BENCH.md");
+    let report = bench(
+        &out,
+        &[
+            "--policy",
+            "compare",
+            "--requests",
+            "300",
+            "--skip-baselines",
+            "--skip-fixed-rate",
+        ],
+    );
+    // With policy: the users who muted the category (requests 0, 100, 200)
+    // get `suppressed` and nothing at the sink.
+    let on = row(&report, "count check");
+    assert_eq!(on.len(), 1, "{report}");
+    assert!(
+        on[0].contains("300 final outcomes for 300 notifications (0 duplicate finals; 3 suppressed, 3 expected), sinks saw http 297 + smtp 0: OK"),
+        "{report}"
+    );
+    // Without: everything is sent.
+    let off = row(&report, "count check (policy off)");
+    assert_eq!(off.len(), 1, "{report}");
+    assert!(
+        off[0].contains("300 final outcomes for 300 notifications (0 duplicate finals; 0 suppressed, 0 expected), sinks saw http 300 + smtp 0: OK"),
+        "{report}"
+    );
+    for what in [
+        "herald (max rate, policy off)",
+        "herald process (policy off)",
+        "machine (max rate, policy off)",
+        "herald policy on / policy off",
+    ] {
+        assert_eq!(row(&report, what).len(), 1, "no `{what}` row in\n{report}");
+    }
+    assert!(report.contains("policy: Compare"), "{report}");
+}
+
+#[test]
+fn policy_cannot_also_be_set_through_set() {
+    let bin = env!("CARGO_BIN_EXE_herald");
+    let output = Command::new(bin)
+        .args([
+            "bench",
+            "--herald-bin",
+            bin,
+            "--set",
+            "HERALD_POLICY__ENABLED=false",
+        ])
+        .env("HERALD_KAFKA__BROKERS", brokers())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run herald bench");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("use --policy"), "{stderr}");
 }
