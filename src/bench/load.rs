@@ -53,22 +53,27 @@ pub const CATEGORY: &str = "bench-news";
 ///   they are looked up and evaluated but never in force;
 /// - every 20th: at most 1,000 notifications per hour on the channel, so the
 ///   cap check reads the user's recent sends;
-/// - every 100th: the bench's category muted, so their notifications are
-///   `suppressed` (see [`suppressed`]).
-fn has_preferences(user: usize) -> bool {
-    user.is_multiple_of(10)
+/// - `muted_percent` in every 100 (user index mod 100 below it; by default
+///   1, every 100th): the bench's category muted, so their notifications
+///   are `suppressed` (see [`suppressed`]).
+fn has_preferences(user: usize, muted_percent: usize) -> bool {
+    user.is_multiple_of(10) || muted(user, muted_percent)
 }
 fn capped(user: usize) -> bool {
     user.is_multiple_of(20)
 }
-fn muted(user: usize) -> bool {
-    user.is_multiple_of(100)
+fn muted(user: usize, muted_percent: usize) -> bool {
+    user % 100 < muted_percent
 }
 
 /// Stores the bench users' preferences (above) in the run's database, one
 /// record per channel of `mix`, through Herald's own store. Returns how many
 /// users have one.
-pub async fn store_preferences(database_url: &str, mix: Mix) -> anyhow::Result<usize> {
+pub async fn store_preferences(
+    database_url: &str,
+    mix: Mix,
+    muted_percent: usize,
+) -> anyhow::Result<usize> {
     use crate::domain::Channel;
     use crate::policy::PreferenceRecord;
     let pool = sqlx::PgPool::connect(database_url)
@@ -85,7 +90,9 @@ pub async fn store_preferences(database_url: &str, mix: Mix) -> anyhow::Result<u
     let start = local + chrono::Duration::hours(6);
     let end = start + chrono::Duration::hours(1);
     let now = chrono::Utc::now();
-    let users: Vec<usize> = (0..USERS).filter(|u| has_preferences(*u)).collect();
+    let users: Vec<usize> = (0..USERS)
+        .filter(|u| has_preferences(*u, muted_percent))
+        .collect();
     for &u in &users {
         for &channel in channels {
             let mut r = PreferenceRecord::empty(TENANT, &format!("user-{u}"), channel, now);
@@ -95,7 +102,7 @@ pub async fn store_preferences(database_url: &str, mix: Mix) -> anyhow::Result<u
             if capped(u) {
                 r.max_per_hour = Some(1_000);
             }
-            if muted(u) {
+            if muted(u, muted_percent) {
                 r.muted_categories = Some(vec![CATEGORY.to_string()]);
             }
             store.upsert(&r).await?;
@@ -107,8 +114,8 @@ pub async fn store_preferences(database_url: &str, mix: Mix) -> anyhow::Result<u
 
 /// How many of the notifications of requests `0..n` (`batch` recipients
 /// each) stored preferences suppress when policy is on.
-pub fn suppressed(n: usize, batch: usize) -> usize {
-    (0..n).filter(|i| muted(i % USERS)).count() * batch.max(1)
+pub fn suppressed(n: usize, batch: usize, muted_percent: usize) -> usize {
+    (0..n).filter(|i| muted(i % USERS, muted_percent)).count() * batch.max(1)
 }
 
 /// How requests are built.
@@ -768,16 +775,21 @@ mod tests {
 
     #[test]
     fn stored_preferences_suppress_the_requests_of_every_hundredth_user() {
-        assert_eq!(suppressed(0, 1), 0);
-        assert_eq!(suppressed(1, 1), 1);
-        assert_eq!(suppressed(250, 1), 3);
-        assert_eq!(suppressed(250, 3), 9);
+        assert_eq!(suppressed(0, 1, 1), 0);
+        assert_eq!(suppressed(1, 1, 1), 1);
+        assert_eq!(suppressed(250, 1, 1), 3);
+        assert_eq!(suppressed(250, 3, 1), 9);
         // Users wrap around at USERS: request 10,000 goes to user-0 again.
-        assert_eq!(suppressed(USERS + 1, 1), 101);
-        for u in 0..USERS {
-            // Whoever is muted or capped has a stored record.
-            if muted(u) || capped(u) {
-                assert!(has_preferences(u), "user-{u}");
+        assert_eq!(suppressed(USERS + 1, 1, 1), 101);
+        assert_eq!(suppressed(250, 1, 0), 0);
+        assert_eq!(suppressed(250, 1, 50), 150);
+        assert_eq!(suppressed(250, 2, 100), 500);
+        for pct in [0, 1, 50, 100] {
+            for u in 0..USERS {
+                // Whoever is muted or capped has a stored record.
+                if muted(u, pct) || capped(u) {
+                    assert!(has_preferences(u, pct), "user-{u} at {pct}%");
+                }
             }
         }
     }

@@ -45,6 +45,11 @@ pub struct BenchArgs {
     /// without policy, and their ratio).
     #[arg(long, value_enum, default_value_t = PolicyMode::On)]
     pub policy: PolicyMode,
+    /// With policy on: the percentage of the bench's users who muted its
+    /// category (their notifications end `suppressed`, written without a
+    /// send).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub muted_percent: u8,
     /// The herald binary to run (default: target/release/herald).
     #[arg(long)]
     pub herald_bin: Option<PathBuf>,
@@ -289,6 +294,7 @@ struct HeraldRun {
     batch: usize,
     /// Whether policy is on (and the bench's preferences stored).
     policy: bool,
+    muted_percent: usize,
     brokers: String,
     cpu_at_start: f64,
     admin_database_url: String,
@@ -365,7 +371,7 @@ impl HeraldRun {
         }
         // Stored before the first request, so no cache holds their absence.
         if policy {
-            let users = load::store_preferences(&db, args.mix)
+            let users = load::store_preferences(&db, args.mix, args.muted_percent.into())
                 .await
                 .context("storing the bench users' preferences")?;
             eprintln!("  stored preferences for {users} of {} users", load::USERS);
@@ -388,6 +394,7 @@ impl HeraldRun {
             template: args.template,
             batch: args.batch,
             policy,
+            muted_percent: args.muted_percent.into(),
             brokers,
             cpu_at_start,
             admin_database_url: args.admin_database_url.clone(),
@@ -436,7 +443,7 @@ impl HeraldRun {
         let cpu_before = machine::Snapshot::take();
         let mut r = load::herald_load(&self.brokers, &self.topics, &spec, n, rate).await?;
         if self.policy {
-            r.expected_suppressed = load::suppressed(n, self.batch);
+            r.expected_suppressed = load::suppressed(n, self.batch, self.muted_percent);
         }
         r.machine = Some(cpu_before.usage_until(&machine::Snapshot::take(), self.child.id()));
         let abort = watcher.abort_handle();
@@ -508,7 +515,7 @@ impl Report {
             })
             .unwrap_or(0);
         let header = format!(
-            "\n## {} — commit {commit}\n\nMachine: {cores} cores, {:.0} GiB. Broker, PostgreSQL, sinks, load generator and Herald co-located.\n\nCommand: `{command_line}`\n\nMix: {:?}, template: {}, batch: {}, partitions: {}, requests: {}, policy: {:?}\n\n",
+            "\n## {} — commit {commit}\n\nMachine: {cores} cores, {:.0} GiB. Broker, PostgreSQL, sinks, load generator and Herald co-located.\n\nCommand: `{command_line}`\n\nMix: {:?}, template: {}, batch: {}, partitions: {}, requests: {}, policy: {:?}, muted: {}%\n\n",
             chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
             mem_kib as f64 / 1024.0 / 1024.0,
             args.mix,
@@ -517,6 +524,7 @@ impl Report {
             args.partitions,
             args.requests,
             args.policy,
+            args.muted_percent,
         );
         Report {
             header,
