@@ -365,9 +365,9 @@ impl Pipeline {
     /// Claims `n` with the policy's waiting or final status (nothing is
     /// sent) and publishes the outcome.
     async fn hold(&self, n: Notification, decision: Decision) -> Result<(), PipelineError> {
-        let Some(due) = &self.due else {
+        if self.due.is_none() {
             return Ok(());
-        };
+        }
         let (status, until, reason) = match decision {
             Decision::SendNow => return Ok(()),
             Decision::Defer {
@@ -380,7 +380,7 @@ impl Pipeline {
         let mut event = DeliveryStatusEvent::for_notification(&n, status, 0);
         event.reason = Some(reason.to_string());
         event.next_attempt_at = until;
-        match due.claim_decided(&n, status, until, &event).await? {
+        match self.store.claim_decided(&n, status, until, &event).await? {
             Claim::New { .. } => self.publish(&event, Some(&n)).await,
             existing => self.already_handled(&n, existing).await,
         }
@@ -696,7 +696,11 @@ impl Pipeline {
         event.error = error;
         event.next_attempt_at = Some(until);
         let published = match start {
-            Start::Claim => match due.claim_decided(n, status, Some(until), &event).await? {
+            Start::Claim => match self
+                .store
+                .claim_decided(n, status, Some(until), &event)
+                .await?
+            {
                 Claim::New { .. } => true,
                 existing => return self.already_handled(n, existing).await,
             },

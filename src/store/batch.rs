@@ -242,7 +242,8 @@ pub(super) struct ClaimJob {
     pub correlation_id: Option<String>,
     pub status: String,
     pub attempts: i32,
-    pub provider: String,
+    /// `None` for a row the policy decided (nothing sent yet).
+    pub provider: Option<String>,
     /// The notification and the outcome event, serialized (PostgreSQL
     /// parses them into `jsonb`).
     pub payload: String,
@@ -251,6 +252,8 @@ pub(super) struct ClaimJob {
     pub error_message: Option<String>,
     pub scheduled_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// When a waiting row (scheduled, deferred, throttled) is due.
+    pub next_attempt_at: Option<DateTime<Utc>>,
     /// `true` when this claim inserted the row (it owns it), `false` when a
     /// row with the id existed.
     pub done: Reply<bool>,
@@ -297,13 +300,14 @@ struct ClaimRows {
     correlations: Vec<Option<String>>,
     statuses: Vec<String>,
     attempts: Vec<i32>,
-    providers: Vec<String>,
+    providers: Vec<Option<String>>,
     payloads: Vec<String>,
     events: Vec<Option<String>>,
     codes: Vec<Option<String>>,
     messages: Vec<Option<String>>,
     scheduled: Vec<Option<DateTime<Utc>>>,
     expires: Vec<Option<DateTime<Utc>>>,
+    next: Vec<Option<DateTime<Utc>>>,
 }
 
 fn claim_rows(round: Vec<ClaimJob>) -> (ClaimRows, Vec<(String, Reply<bool>)>) {
@@ -327,6 +331,7 @@ fn claim_rows(round: Vec<ClaimJob>) -> (ClaimRows, Vec<(String, Reply<bool>)>) {
         rows.messages.push(j.error_message);
         rows.scheduled.push(j.scheduled_at);
         rows.expires.push(j.expires_at);
+        rows.next.push(j.next_attempt_at);
         senders.push((j.id, j.done));
     }
     (rows, senders)
@@ -343,20 +348,21 @@ async fn write_claims(
             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                                  $6::text[], $7::text[], $8::text[], $9::text[], $10::int4[],
                                  $11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
-                                 $16::timestamptz[], $17::timestamptz[])
+                                 $16::timestamptz[], $17::timestamptz[], $18::timestamptz[])
                 AS t(id, request_id, tenant_id, app_id, channel, priority, category,
                      correlation_id, status, attempts, provider, payload, last_event,
-                     error_code, error_message, scheduled_at, expires_at)
+                     error_code, error_message, scheduled_at, expires_at, next_attempt_at)
         ), ins AS (
             INSERT INTO notifications (
                 id, request_id, tenant_id, app_id, channel, priority, category,
                 correlation_id, status, attempts, provider, payload, last_event,
-                error_code, error_message, scheduled_at, expires_at, failed_at, send_lease_until)
+                error_code, error_message, scheduled_at, expires_at, next_attempt_at,
+                failed_at, send_lease_until)
             SELECT id, request_id, tenant_id, app_id, channel, priority, category,
                    correlation_id, status, attempts, provider, payload::jsonb, last_event::jsonb,
-                   error_code, error_message, scheduled_at, expires_at,
+                   error_code, error_message, scheduled_at, expires_at, next_attempt_at,
                    CASE WHEN status = 'failed' THEN now() END,
-                   CASE WHEN status = 'sending' THEN now() + make_interval(secs => $18) END
+                   CASE WHEN status = 'sending' THEN now() + make_interval(secs => $19) END
             FROM input
             ON CONFLICT (id) DO NOTHING
             RETURNING id, status, provider
@@ -384,6 +390,7 @@ async fn write_claims(
     .bind(rows.messages)
     .bind(rows.scheduled)
     .bind(rows.expires)
+    .bind(rows.next)
     .bind(send_lease.as_secs_f64())
     .fetch_all(pool)
     .await?;

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use sqlx::types::Json;
 
-use super::{Claim, StoreError};
+use super::StoreError;
 use crate::domain::{DeliveryStatusEvent, Notification, Status};
 
 /// The statuses of rows that wait for `next_attempt_at`, as SQL.
@@ -38,64 +38,6 @@ pub struct DueStore {
 impl DueStore {
     pub fn new(pool: PgPool) -> Self {
         DueStore { pool }
-    }
-
-    /// Inserts `n` with a policy status and no send attempt: a waiting
-    /// status with `next_attempt_at`, or a final one (`suppressed`,
-    /// `expired`, `failed`). One statement; an existing row (a redelivery)
-    /// is reported as [`Claim::Existing`] and left unchanged.
-    pub async fn claim_decided(
-        &self,
-        n: &Notification,
-        status: Status,
-        next_attempt_at: Option<DateTime<Utc>>,
-        event: &DeliveryStatusEvent,
-    ) -> Result<Claim, StoreError> {
-        let payload = serde_json::to_value(n).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let error = event.error.as_ref();
-        let inserted: Option<String> = sqlx::query_scalar(
-            r#"
-            INSERT INTO notifications (
-                id, request_id, tenant_id, app_id, channel, priority, category,
-                correlation_id, status, attempts, payload, last_event, error_code,
-                error_message, scheduled_at, expires_at, next_attempt_at, failed_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11, $12, $13, $14, $15, $16,
-                    CASE WHEN $9 = 'failed' THEN now() END)
-            ON CONFLICT (id) DO NOTHING
-            RETURNING id
-            "#,
-        )
-        .bind(&n.id)
-        .bind(&n.request_id)
-        .bind(&n.tenant_id)
-        .bind(&n.app_id)
-        .bind(n.channel.as_str())
-        .bind(n.priority.as_str())
-        .bind(&n.category)
-        .bind(&n.correlation_id)
-        .bind(status.as_str())
-        .bind(Json(&payload))
-        .bind(Json(event))
-        .bind(error.map(|e| e.code.as_str()))
-        .bind(error.map(|e| e.message.as_str()))
-        .bind(n.scheduled_at)
-        .bind(n.expires_at)
-        .bind(next_attempt_at)
-        .fetch_optional(&self.pool)
-        .await?;
-        if inserted.is_some() {
-            return Ok(Claim::New { attempt: 0 });
-        }
-        let row: (String, i32, Option<Json<DeliveryStatusEvent>>) =
-            sqlx::query_as("SELECT status, attempts, last_event FROM notifications WHERE id = $1")
-                .bind(&n.id)
-                .fetch_one(&self.pool)
-                .await?;
-        Ok(Claim::Existing {
-            status: parse_status(&row.0)?,
-            attempts: row.1,
-            last_event: row.2.map(|j| Box::new(j.0)),
-        })
     }
 
     /// Claims up to `limit` due rows for `owner` until `now + lease`:

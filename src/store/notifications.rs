@@ -77,13 +77,44 @@ impl NotificationStore {
         provider: &str,
         event: Option<&DeliveryStatusEvent>,
     ) -> Result<Claim, StoreError> {
+        let attempts: i32 = if status == Status::Sending { 1 } else { 0 };
+        self.insert(n, status, attempts, Some(provider), event, None)
+            .await
+    }
+
+    /// Inserts `n` with a status the policy decided and no send attempt: a
+    /// waiting status due at `next_attempt_at` (scheduled, deferred,
+    /// throttled), or a final one (`suppressed`, `expired`, `failed`), with
+    /// `event` as its last event. Batched like [`Self::claim`]; an existing
+    /// row (a redelivery) is reported as [`Claim::Existing`] and left
+    /// unchanged.
+    pub async fn claim_decided(
+        &self,
+        n: &Notification,
+        status: Status,
+        next_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
+        event: &DeliveryStatusEvent,
+    ) -> Result<Claim, StoreError> {
+        self.insert(n, status, 0, None, Some(event), next_attempt_at)
+            .await
+    }
+
+    /// The claim statement's job for `n`; `Claim::New` when it inserted.
+    async fn insert(
+        &self,
+        n: &Notification,
+        status: Status,
+        attempts: i32,
+        provider: Option<&str>,
+        event: Option<&DeliveryStatusEvent>,
+        next_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<Claim, StoreError> {
         let payload = serde_json::to_string(n).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let last_event = event
             .map(serde_json::to_string)
             .transpose()
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let error = event.and_then(|e| e.error.as_ref());
-        let attempts: i32 = if status == Status::Sending { 1 } else { 0 };
         let inserted = self
             .claims
             .submit(|done| ClaimJob {
@@ -97,13 +128,14 @@ impl NotificationStore {
                 correlation_id: n.correlation_id.clone(),
                 status: status.as_str().to_string(),
                 attempts,
-                provider: provider.to_string(),
+                provider: provider.map(str::to_string),
                 payload,
                 last_event,
                 error_code: error.map(|e| e.code.clone()),
                 error_message: error.map(|e| e.message.clone()),
                 scheduled_at: n.scheduled_at,
                 expires_at: n.expires_at,
+                next_attempt_at,
                 done,
             })
             .await?;
@@ -367,5 +399,96 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(attempts, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn decided_claims_are_batched_with_sends_and_keep_their_due_time() {
+        let store = NotificationStore::new(fresh_pool().await, std::time::Duration::from_secs(60));
+        let due_at = chrono::Utc::now() + chrono::Duration::minutes(30);
+        let sends: Vec<Notification> = (0..20).map(|i| notification(&format!("s-{i}"))).collect();
+        let held: Vec<Notification> = (0..20).map(|i| notification(&format!("h-{i}"))).collect();
+        let events: Vec<DeliveryStatusEvent> = held
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let status = if i.is_multiple_of(2) {
+                    Status::Deferred
+                } else {
+                    Status::Suppressed
+                };
+                DeliveryStatusEvent::for_notification(n, status, 0)
+            })
+            .collect();
+        // All at once: sends and decided rows share the claim statements.
+        let (sent, decided) = futures::future::join(
+            futures::future::join_all(
+                sends
+                    .iter()
+                    .map(|n| store.claim(n, Status::Sending, "webhook", None)),
+            ),
+            futures::future::join_all(held.iter().zip(&events).map(|(n, e)| {
+                let at = (e.status == Status::Deferred).then_some(due_at);
+                store.claim_decided(n, e.status, at, e)
+            })),
+        )
+        .await;
+        assert!(
+            sent.into_iter()
+                .all(|r| r.unwrap() == Claim::New { attempt: 1 })
+        );
+        assert!(
+            decided
+                .into_iter()
+                .all(|r| r.unwrap() == Claim::New { attempt: 0 })
+        );
+
+        type Row = (
+            String,
+            String,
+            Option<String>,
+            Option<chrono::DateTime<chrono::Utc>>,
+            i32,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, status, provider, next_attempt_at, attempts FROM notifications
+                 WHERE id LIKE 'h-%' ORDER BY id",
+        )
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+        assert_eq!(rows.len(), 20);
+        for (id, status, provider, next, attempts) in rows {
+            let i: usize = id[2..].parse().unwrap();
+            assert_eq!(provider, None, "{id}: nothing was sent");
+            assert_eq!(attempts, 0, "{id}");
+            if i.is_multiple_of(2) {
+                assert_eq!(status, "deferred", "{id}");
+                let next = next.expect("a deferred row is due later");
+                assert!((next - due_at).num_milliseconds().abs() < 1, "{id}: {next}");
+            } else {
+                assert_eq!(status, "suppressed", "{id}");
+                assert_eq!(next, None, "{id}");
+            }
+        }
+        // Only the sends have delivery attempts.
+        let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM delivery_attempts")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(attempts, 20);
+        // A redelivered decided request finds its row and its stored event.
+        match store
+            .claim_decided(&held[1], Status::Suppressed, None, &events[1])
+            .await
+            .unwrap()
+        {
+            Claim::Existing {
+                status, last_event, ..
+            } => {
+                assert_eq!(status, Status::Suppressed);
+                assert_eq!(last_event.unwrap().event_id, events[1].event_id);
+            }
+            other => panic!("expected the existing row, got {other:?}"),
+        }
     }
 }

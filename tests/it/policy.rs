@@ -690,10 +690,11 @@ async fn two_instances_fire_500_due_rows_each_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn due_rows_are_claimed_urgent_first_and_a_lapsed_lease_is_taken_over() {
     use herald::domain::{DeliveryStatusEvent, Status, decode_request};
-    use herald::store::DueStore;
+    use herald::store::{DueStore, NotificationStore};
 
     let env = TestEnv::new(1).await;
     let due = DueStore::new(env.pool().await);
+    let store = NotificationStore::new(env.pool().await, Duration::from_secs(60));
     let past = (Utc::now() - chrono::Duration::seconds(5)).to_rfc3339();
     for (id, priority) in [
         ("normal-1", "normal"),
@@ -713,7 +714,8 @@ async fn due_rows_are_claimed_urgent_first_and_a_lapsed_lease_is_taken_over() {
         let at = DateTime::parse_from_rfc3339(&past)
             .expect("time")
             .with_timezone(&Utc);
-        due.claim_decided(&n, Status::Deferred, Some(at), &event)
+        store
+            .claim_decided(&n, Status::Deferred, Some(at), &event)
             .await
             .expect("insert");
     }
