@@ -51,19 +51,28 @@ pub const CATEGORY: &str = "bench-news";
 /// Users (by index) with stored preferences, and what they store:
 /// - every 10th: quiet hours (Asia/Tokyo), six hours away from the run, so
 ///   they are looked up and evaluated but never in force;
-/// - every 20th: at most 1,000 notifications per hour on the channel, so the
-///   cap check reads the user's recent sends;
+/// - `capped_percent` in every 100 (by default 5; from index mod 100 = 50
+///   on, so apart from the muted ones): at most 1,000 notifications per hour
+///   on the channel, so the cap check reads the user's recent sends;
 /// - `muted_percent` in every 100 (user index mod 100 below it; by default
 ///   1, every 100th): the bench's category muted, so their notifications
 ///   are `suppressed` (see [`suppressed`]).
-fn has_preferences(user: usize, muted_percent: usize) -> bool {
-    user.is_multiple_of(10) || muted(user, muted_percent)
+fn has_preferences(user: usize, shares: Shares) -> bool {
+    user.is_multiple_of(10) || muted(user, shares.muted_percent) || capped(user, shares)
 }
-fn capped(user: usize) -> bool {
-    user.is_multiple_of(20)
+fn capped(user: usize, shares: Shares) -> bool {
+    (user + 50) % 100 < shares.capped_percent
 }
 fn muted(user: usize, muted_percent: usize) -> bool {
     user % 100 < muted_percent
+}
+
+/// Percentages of the bench's users who muted its category and who have a
+/// frequency cap (`--muted-percent`, `--capped-percent`).
+#[derive(Debug, Clone, Copy)]
+pub struct Shares {
+    pub muted_percent: usize,
+    pub capped_percent: usize,
 }
 
 /// Stores the bench users' preferences (above) in the run's database, one
@@ -72,7 +81,7 @@ fn muted(user: usize, muted_percent: usize) -> bool {
 pub async fn store_preferences(
     database_url: &str,
     mix: Mix,
-    muted_percent: usize,
+    shares: Shares,
 ) -> anyhow::Result<usize> {
     use crate::domain::Channel;
     use crate::policy::PreferenceRecord;
@@ -90,19 +99,17 @@ pub async fn store_preferences(
     let start = local + chrono::Duration::hours(6);
     let end = start + chrono::Duration::hours(1);
     let now = chrono::Utc::now();
-    let users: Vec<usize> = (0..USERS)
-        .filter(|u| has_preferences(*u, muted_percent))
-        .collect();
+    let users: Vec<usize> = (0..USERS).filter(|u| has_preferences(*u, shares)).collect();
     for &u in &users {
         for &channel in channels {
             let mut r = PreferenceRecord::empty(TENANT, &format!("user-{u}"), channel, now);
             r.quiet_hours_start = Some(start);
             r.quiet_hours_end = Some(end);
             r.quiet_hours_timezone = Some(zone.name().to_string());
-            if capped(u) {
+            if capped(u, shares) {
                 r.max_per_hour = Some(1_000);
             }
-            if muted(u, muted_percent) {
+            if muted(u, shares.muted_percent) {
                 r.muted_categories = Some(vec![CATEGORY.to_string()]);
             }
             store.upsert(&r).await?;
@@ -785,12 +792,24 @@ mod tests {
         assert_eq!(suppressed(250, 1, 50), 150);
         assert_eq!(suppressed(250, 2, 100), 500);
         for pct in [0, 1, 50, 100] {
+            let shares = Shares {
+                muted_percent: pct,
+                capped_percent: 100 - pct,
+            };
             for u in 0..USERS {
                 // Whoever is muted or capped has a stored record.
-                if muted(u, pct) || capped(u) {
-                    assert!(has_preferences(u, pct), "user-{u} at {pct}%");
+                if muted(u, pct) || capped(u, shares) {
+                    assert!(has_preferences(u, shares), "user-{u} at {pct}%");
                 }
             }
         }
+        // The default shares: 1 in 100 muted, 5 in 100 capped, apart.
+        let shares = Shares {
+            muted_percent: 1,
+            capped_percent: 5,
+        };
+        let capped_users = (0..USERS).filter(|u| capped(*u, shares)).count();
+        assert_eq!(capped_users, USERS / 20);
+        assert!((0..USERS).all(|u| !(muted(u, 1) && capped(u, shares))));
     }
 }

@@ -50,6 +50,10 @@ pub struct BenchArgs {
     /// send).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub muted_percent: u8,
+    /// With policy on: the percentage of the bench's users with a frequency
+    /// cap (never reached; the cap check reads their recent sends).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub capped_percent: u8,
     /// The herald binary to run (default: target/release/herald).
     #[arg(long)]
     pub herald_bin: Option<PathBuf>,
@@ -77,6 +81,15 @@ pub struct BenchArgs {
     /// Extra HERALD_* settings for the herald process, KEY=VALUE.
     #[arg(long = "set", value_parser = parse_kv)]
     pub set: Vec<(String, String)>,
+}
+
+impl BenchArgs {
+    fn shares(&self) -> load::Shares {
+        load::Shares {
+            muted_percent: self.muted_percent.into(),
+            capped_percent: self.capped_percent.into(),
+        }
+    }
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -371,7 +384,7 @@ impl HeraldRun {
         }
         // Stored before the first request, so no cache holds their absence.
         if policy {
-            let users = load::store_preferences(&db, args.mix, args.muted_percent.into())
+            let users = load::store_preferences(&db, args.mix, args.shares())
                 .await
                 .context("storing the bench users' preferences")?;
             eprintln!("  stored preferences for {users} of {} users", load::USERS);
@@ -515,7 +528,7 @@ impl Report {
             })
             .unwrap_or(0);
         let header = format!(
-            "\n## {} — commit {commit}\n\nMachine: {cores} cores, {:.0} GiB. Broker, PostgreSQL, sinks, load generator and Herald co-located.\n\nCommand: `{command_line}`\n\nMix: {:?}, template: {}, batch: {}, partitions: {}, requests: {}, policy: {:?}, muted: {}%\n\n",
+            "\n## {} — commit {commit}\n\nMachine: {cores} cores, {:.0} GiB. Broker, PostgreSQL, sinks, load generator and Herald co-located.\n\nCommand: `{command_line}`\n\nMix: {:?}, template: {}, batch: {}, partitions: {}, requests: {}, policy: {:?}, muted: {}%, capped: {}%\n\n",
             chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
             mem_kib as f64 / 1024.0 / 1024.0,
             args.mix,
@@ -525,6 +538,7 @@ impl Report {
             args.requests,
             args.policy,
             args.muted_percent,
+            args.capped_percent,
         );
         Report {
             header,
