@@ -91,6 +91,28 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     sqlx::migrate!("./migrations").run(pool).await
 }
 
+/// A fresh migrated database on the test PostgreSQL
+/// (`HERALD_TEST_DATABASE_URL`, as the integration tests use).
+#[cfg(test)]
+pub(crate) async fn test_pool() -> PgPool {
+    use sqlx::Connection;
+    let admin = std::env::var("HERALD_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55432/postgres".into());
+    let name = format!(
+        "herald_store_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
+    let pool = PgPool::connect(&url).await.unwrap();
+    migrate(&pool).await.unwrap();
+    pool
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -285,30 +285,9 @@ impl NotificationStore {
 
 #[cfg(test)]
 mod tests {
-    use sqlx::Connection;
 
     use super::*;
     use crate::domain::decode_request;
-
-    /// A fresh migrated database on the test PostgreSQL
-    /// (`HERALD_TEST_DATABASE_URL`, as the integration tests use).
-    async fn fresh_pool() -> PgPool {
-        let admin = std::env::var("HERALD_TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55432/postgres".into());
-        let name = format!(
-            "herald_store_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
-        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
-        let pool = PgPool::connect(&url).await.unwrap();
-        crate::store::migrate(&pool).await.unwrap();
-        pool
-    }
 
     fn notification(id: &str) -> Notification {
         let raw = format!(
@@ -323,7 +302,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_claims_of_one_id_in_one_batch_have_one_owner() {
-        let store = NotificationStore::new(fresh_pool().await, std::time::Duration::from_secs(60));
+        let store = NotificationStore::new(
+            crate::store::test_pool().await,
+            std::time::Duration::from_secs(60),
+        );
         // Many distinct ids plus several copies of one id, all at once: they
         // are written in a few batched statements.
         let mut claims = Vec::new();
@@ -368,7 +350,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_claim_stores_its_event_and_no_attempt() {
-        let store = NotificationStore::new(fresh_pool().await, std::time::Duration::from_secs(60));
+        let store = NotificationStore::new(
+            crate::store::test_pool().await,
+            std::time::Duration::from_secs(60),
+        );
         let n = notification("f-1");
         let mut event = DeliveryStatusEvent::for_notification(&n, Status::Failed, 0);
         event.error = Some(ErrorInfo {
@@ -403,7 +388,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn decided_claims_are_batched_with_sends_and_keep_their_due_time() {
-        let store = NotificationStore::new(fresh_pool().await, std::time::Duration::from_secs(60));
+        let store = NotificationStore::new(
+            crate::store::test_pool().await,
+            std::time::Duration::from_secs(60),
+        );
         let due_at = chrono::Utc::now() + chrono::Duration::minutes(30);
         let sends: Vec<Notification> = (0..20).map(|i| notification(&format!("s-{i}"))).collect();
         let held: Vec<Notification> = (0..20).map(|i| notification(&format!("h-{i}"))).collect();

@@ -19,6 +19,8 @@ pub struct PreferenceStore {
     /// Coalesces concurrent [`PreferenceStore::lookup`]s; started on first
     /// use (the API builds stores that never look up).
     lookups: Arc<OnceLock<Coalescer<LookupJob>>>,
+    /// Coalesces concurrent [`PreferenceStore::recent_sends`], likewise.
+    sends: Arc<OnceLock<Coalescer<SendsJob>>>,
 }
 
 /// What [`PreferenceStore::lookup`] answers: the levels, most specific
@@ -32,6 +34,16 @@ struct LookupJob {
     channel: Channel,
     address: Option<String>,
     done: Reply<LookupAnswer>,
+}
+
+/// One recent-sends read waiting for the next statement.
+struct SendsJob {
+    tenant_id: Option<String>,
+    user_id: String,
+    channel: Channel,
+    now: DateTime<Utc>,
+    limit: u32,
+    done: Reply<Vec<DateTime<Utc>>>,
 }
 
 type Row = (
@@ -81,6 +93,7 @@ impl PreferenceStore {
         PreferenceStore {
             pool,
             lookups: Arc::new(OnceLock::new()),
+            sends: Arc::new(OnceLock::new()),
         }
     }
 
@@ -237,7 +250,9 @@ impl PreferenceStore {
 
     /// `sent_at` of the newest `limit` sends of (tenant, user, channel) in
     /// the 24 hours before `now`, newest first. Served by
-    /// `notifications_sent_by_user_idx`.
+    /// `notifications_sent_by_user_idx`. Reads made while a statement runs
+    /// are answered together by the next one, like lookups: with a cap on
+    /// every recipient this is one read per notification.
     pub async fn recent_sends(
         &self,
         tenant_id: Option<&str>,
@@ -246,20 +261,78 @@ impl PreferenceStore {
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<DateTime<Utc>>, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT sent_at FROM notifications
-             WHERE tenant_id IS NOT DISTINCT FROM $1 AND user_id = $2 AND channel = $3
-               AND sent_at IS NOT NULL AND sent_at > $4 - interval '1 day' AND sent_at <= $4
-             ORDER BY sent_at DESC LIMIT $5",
-        )
-        .bind(tenant_id)
-        .bind(user_id)
-        .bind(channel.as_str())
-        .bind(now)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?)
+        let sends = self.sends.get_or_init(|| sends_task(self.pool.clone()));
+        sends
+            .submit(|done| SendsJob {
+                tenant_id: tenant_id.map(str::to_string),
+                user_id: user_id.to_string(),
+                channel,
+                now,
+                limit,
+                done,
+            })
+            .await
     }
+}
+
+/// Answers queued recent-sends reads, one statement per batch.
+fn sends_task(pool: PgPool) -> Coalescer<SendsJob> {
+    Coalescer::start("recent sends task", move |batch: Vec<SendsJob>| {
+        let pool = pool.clone();
+        async move {
+            match sends_batch(&pool, &batch).await {
+                Ok(answers) => {
+                    for (job, answer) in batch.into_iter().zip(answers) {
+                        let _ = job.done.send(Ok(answer));
+                    }
+                }
+                Err(e) => fail_all(batch.into_iter().map(|j| j.done), "recent sends read", &e),
+            }
+        }
+    })
+}
+
+/// One statement for the whole batch: each read's newest sends, newest
+/// first; answers in the batch's order.
+async fn sends_batch(
+    pool: &PgPool,
+    batch: &[SendsJob],
+) -> Result<Vec<Vec<DateTime<Utc>>>, StoreError> {
+    let tenants: Vec<Option<&str>> = batch.iter().map(|j| j.tenant_id.as_deref()).collect();
+    let users: Vec<&str> = batch.iter().map(|j| j.user_id.as_str()).collect();
+    let channels: Vec<&str> = batch.iter().map(|j| j.channel.as_str()).collect();
+    let nows: Vec<DateTime<Utc>> = batch.iter().map(|j| j.now).collect();
+    let limits: Vec<i64> = batch.iter().map(|j| i64::from(j.limit)).collect();
+    let rows: Vec<(i64, DateTime<Utc>)> = sqlx::query_as(
+        r#"
+        SELECT i.ord, s.sent_at
+        FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::int8[])
+            WITH ORDINALITY AS i(tenant_id, user_id, channel, at, lim, ord)
+        CROSS JOIN LATERAL (
+            SELECT n.sent_at FROM notifications n
+            WHERE n.tenant_id IS NOT DISTINCT FROM i.tenant_id AND n.user_id = i.user_id
+              AND n.channel = i.channel AND n.sent_at IS NOT NULL
+              AND n.sent_at > i.at - interval '1 day' AND n.sent_at <= i.at
+            ORDER BY n.sent_at DESC LIMIT i.lim) s
+        ORDER BY i.ord, s.sent_at DESC
+        "#,
+    )
+    .bind(tenants)
+    .bind(users)
+    .bind(channels)
+    .bind(nows)
+    .bind(limits)
+    .fetch_all(pool)
+    .await?;
+    let mut answers: Vec<Vec<DateTime<Utc>>> = vec![Vec::new(); batch.len()];
+    for (ord, sent_at) in rows {
+        usize::try_from(ord - 1)
+            .ok()
+            .and_then(|i| answers.get_mut(i))
+            .ok_or_else(|| StoreError::Corrupt(format!("recent sends row {ord} out of range")))?
+            .push(sent_at);
+    }
+    Ok(answers)
 }
 
 /// Answers queued lookups, one statement per batch.
@@ -319,4 +392,78 @@ async fn lookup_batch(pool: &PgPool, batch: &[LookupJob]) -> Result<Vec<LookupAn
         .into_iter()
         .map(|a| a.ok_or_else(|| StoreError::Corrupt("a preference lookup got no answer".into())))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{Duration, DurationRound};
+
+    /// A notification row of `user` (tenant `tenant`) on `channel`, sent at `at`.
+    async fn sent(
+        pool: &PgPool,
+        id: &str,
+        tenant: Option<&str>,
+        user: &str,
+        channel: &str,
+        at: DateTime<Utc>,
+    ) {
+        sqlx::query(
+            "INSERT INTO notifications (id, request_id, tenant_id, channel, priority, status, payload, sent_at)
+             VALUES ($1, $1, $2, $3, 'normal', 'sent', jsonb_build_object('recipient', jsonb_build_object('user_id', $4::text)), $5)",
+        )
+        .bind(id)
+        .bind(tenant)
+        .bind(channel)
+        .bind(user)
+        .bind(at)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_recent_sends_reads_each_get_their_own_window() {
+        let pool = crate::store::test_pool().await;
+        let now = Utc::now()
+            .duration_trunc(Duration::microseconds(1))
+            .unwrap();
+        let ago = |m: i64| now - Duration::minutes(m);
+        for (i, m) in [60, 120, 180, 25 * 60, -1].into_iter().enumerate() {
+            sent(&pool, &format!("a-{i}"), Some("t1"), "a", "webhook", ago(m)).await;
+        }
+        // Another tenant's, another channel's, and a tenant-less user's sends.
+        sent(&pool, "a-t2", Some("t2"), "a", "webhook", ago(30)).await;
+        sent(&pool, "a-email", Some("t1"), "a", "email", ago(5)).await;
+        sent(&pool, "b-0", None, "b", "webhook", ago(10)).await;
+        sent(&pool, "b-1", None, "b", "webhook", ago(20)).await;
+
+        let store = PreferenceStore::new(pool);
+        let reads = [
+            (Some("t1"), "a", now, 2, vec![ago(60), ago(120)]),
+            (Some("t1"), "a", now, 10, vec![ago(60), ago(120), ago(180)]),
+            // A read as of 90 minutes ago: its own day, back to 25.5 h ago.
+            (
+                Some("t1"),
+                "a",
+                ago(90),
+                10,
+                vec![ago(120), ago(180), ago(25 * 60)],
+            ),
+            (None, "b", now, 10, vec![ago(10), ago(20)]),
+            (Some("t1"), "nobody", now, 5, vec![]),
+        ];
+        let answers =
+            futures::future::join_all(reads.iter().map(|(t, u, at, limit, _)| {
+                store.recent_sends(*t, u, Channel::Webhook, *at, *limit)
+            }))
+            .await;
+        for ((t, u, at, limit, expected), answer) in reads.iter().zip(answers) {
+            assert_eq!(
+                &answer.unwrap(),
+                expected,
+                "tenant {t:?} user {u} at {at} limit {limit}"
+            );
+        }
+    }
 }
