@@ -100,6 +100,24 @@ pub(super) fn fail_all<T>(
     }
 }
 
+/// Answers every job of a batch read: job `i` gets `answers[i]`, or every
+/// job the error when the statement failed.
+pub(super) fn answer_all<J, A>(
+    batch: Vec<J>,
+    answers: Result<Vec<A>, StoreError>,
+    what: &str,
+    reply: impl Fn(J) -> Reply<A>,
+) {
+    match answers {
+        Ok(answers) => {
+            for (job, answer) in batch.into_iter().zip(answers) {
+                let _ = reply(job).send(Ok(answer));
+            }
+        }
+        Err(e) => fail_all(batch.into_iter().map(reply), what, &e),
+    }
+}
+
 /// Waits for the next job, then takes whatever else is queued (up to
 /// [`MAX_BATCH`]); `None` when every sender is gone. The writers share the
 /// receiver, so one of them gathers while the others write.

@@ -5,7 +5,7 @@
 use std::sync::{Arc, OnceLock};
 
 use super::StoreError;
-use super::batch::{Coalescer, Reply, fail_all};
+use super::batch::{Coalescer, Reply, answer_all};
 use crate::domain::Channel;
 use crate::policy::preferences::PreferenceRecord;
 use chrono::{DateTime, NaiveTime, Utc};
@@ -280,14 +280,8 @@ fn sends_task(pool: PgPool) -> Coalescer<SendsJob> {
     Coalescer::start("recent sends task", move |batch: Vec<SendsJob>| {
         let pool = pool.clone();
         async move {
-            match sends_batch(&pool, &batch).await {
-                Ok(answers) => {
-                    for (job, answer) in batch.into_iter().zip(answers) {
-                        let _ = job.done.send(Ok(answer));
-                    }
-                }
-                Err(e) => fail_all(batch.into_iter().map(|j| j.done), "recent sends read", &e),
-            }
+            let answers = sends_batch(&pool, &batch).await;
+            answer_all(batch, answers, "recent sends read", |j| j.done);
         }
     })
 }
@@ -340,14 +334,8 @@ fn lookup_task(pool: PgPool) -> Coalescer<LookupJob> {
     Coalescer::start("preference lookup task", move |batch: Vec<LookupJob>| {
         let pool = pool.clone();
         async move {
-            match lookup_batch(&pool, &batch).await {
-                Ok(answers) => {
-                    for (job, answer) in batch.into_iter().zip(answers) {
-                        let _ = job.done.send(Ok(answer));
-                    }
-                }
-                Err(e) => fail_all(batch.into_iter().map(|j| j.done), "preference lookup", &e),
-            }
+            let answers = lookup_batch(&pool, &batch).await;
+            answer_all(batch, answers, "preference lookup", |j| j.done);
         }
     })
 }
