@@ -778,13 +778,14 @@ impl Pipeline {
         let attempt_no = u32::try_from(attempt).unwrap_or(0);
         let (event, attempt_result) = match result {
             Ok(receipt) => {
+                let message_id = receipt.provider_message_id.map(storable);
                 let mut event = DeliveryStatusEvent::for_notification(n, Status::Sent, attempt_no);
                 event.provider = Some(provider.clone());
-                event.provider_message_id = receipt.provider_message_id.clone();
+                event.provider_message_id = message_id.clone();
                 let r = AttemptResult {
                     status: Status::Sent,
                     provider: provider.clone(),
-                    provider_message_id: receipt.provider_message_id,
+                    provider_message_id: message_id,
                     error: None,
                     duration_ms: millis(elapsed),
                 };
@@ -914,12 +915,43 @@ fn no_address_error() -> ErrorInfo {
 
 fn error_info(e: &SendError) -> ErrorInfo {
     ErrorInfo {
-        code: e.code().to_string(),
-        message: e.message().to_string(),
+        code: storable(e.code().to_string()),
+        message: storable(e.message().to_string()),
         retryable: e.is_retryable(),
+    }
+}
+
+/// A provider's string (a message id, an error) as PostgreSQL can store
+/// it: `text` and `jsonb` cannot hold U+0000, and one such value would fail
+/// the statement a whole batch of finishes shares, over and over. NUL
+/// becomes U+FFFD.
+fn storable(s: String) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s
     }
 }
 
 fn millis(d: Duration) -> i32 {
     i32::try_from(d.as_millis()).unwrap_or(i32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_provider_string_with_nul_is_made_storable() {
+        assert_eq!(storable("SM123".into()), "SM123");
+        assert_eq!(storable("SM\0x\0".into()), "SM\u{FFFD}x\u{FFFD}");
+        let e = SendError::Permanent {
+            code: "bad\0code".into(),
+            message: "no\0pe".into(),
+        };
+        let info = error_info(&e);
+        assert_eq!(info.code, "bad\u{FFFD}code");
+        assert_eq!(info.message, "no\u{FFFD}pe");
+        assert!(!info.retryable);
+    }
 }

@@ -603,6 +603,61 @@ async fn every_channel_sends_through_its_registered_provider() {
 
 // ---------------------------------------------------------------- 2. SendGrid bounce
 
+/// A provider answering with a NUL in its message id (PostgreSQL's text and
+/// jsonb cannot store U+0000) must not fail the batched finish that other
+/// notifications share: every SMS still ends `sent`, the id with U+FFFD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_provider_message_id_with_nul_is_stored_and_fails_no_batch() {
+    let env = TestEnv::new(1).await;
+    let token = format!("tw-nul-{}", suffix());
+    let twilio = StandIn::start(|c| {
+        if c.method.as_str() == "POST" && c.path == twilio_messages_path() {
+            Reply::json(201, json!({"sid": "SM\u{0}nul", "status": "queued"}))
+        } else {
+            Reply::json(
+                404,
+                json!({"code": 20404, "message": "not found", "status": 404}),
+            )
+        }
+    })
+    .await;
+    register_provider(&env, twilio_provider("tw-nul", &twilio, &token)).await;
+    let app = RunningApp::start(env.settings(&[])).await;
+    let mut out = TopicReader::new(&env.outcomes, 1);
+
+    let s = suffix();
+    let ids: Vec<String> = (0..20).map(|i| format!("nul-{s}-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        send(
+            &env,
+            &format!("acme:u-{i}"),
+            &json!({ "id": id, "tenant_id": "acme", "channel": "sms",
+                     "recipient": { "phone": "+14155550123" },
+                     "content": { "text": "Your code is 123456" } }),
+        )
+        .await;
+    }
+    let expected: Vec<(&str, &str)> = ids.iter().map(|id| (id.as_str(), "sent")).collect();
+    out.wait_for(WAIT, &expected).await;
+    let events = out.events();
+    for id in &ids {
+        assert_eq!(statuses(&events, id), ["sent"], "{id}");
+        let sent = event(&events, id, "sent");
+        assert_eq!(sent["provider_message_id"], "SM\u{FFFD}nul", "{sent}");
+    }
+    let stored: Vec<String> = sqlx::query_scalar(
+        "SELECT provider_message_id FROM notifications WHERE id = ANY($1) AND status = 'sent'",
+    )
+    .bind(&ids)
+    .fetch_all(&env.pool().await)
+    .await
+    .expect("query");
+    assert_eq!(stored.len(), ids.len());
+    assert!(stored.iter().all(|m| m == "SM\u{FFFD}nul"), "{stored:?}");
+    assert_eq!(twilio.calls(), ids.len(), "one call per notification");
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sendgrid_bounce_receipt_bounces_and_suppresses_the_address() {
     let env = TestEnv::new(1).await;
