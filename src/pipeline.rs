@@ -18,7 +18,7 @@ use futures::{StreamExt, TryStreamExt};
 use crate::channels::{SendError, SendReceipt};
 use crate::domain::{
     CancelRequest, DecodeError, Decoded, DeliveryStatusEvent, ErrorInfo, Notification, Status,
-    decode_message,
+    decode_message, text,
 };
 use crate::kafka::{OutcomePublisher, PublishError, SourceMessage};
 use crate::policy::{Decision, Evaluation, Policy};
@@ -778,7 +778,10 @@ impl Pipeline {
         let attempt_no = u32::try_from(attempt).unwrap_or(0);
         let (event, attempt_result) = match result {
             Ok(receipt) => {
-                let message_id = receipt.provider_message_id.map(storable);
+                // As the schema allows it, or absent (see [`text::identifier`]).
+                let message_id = receipt
+                    .provider_message_id
+                    .and_then(|m| text::identifier(&m, MAX_MESSAGE_ID_CHARS));
                 let mut event = DeliveryStatusEvent::for_notification(n, Status::Sent, attempt_no);
                 event.provider = Some(provider.clone());
                 event.provider_message_id = message_id.clone();
@@ -913,23 +916,18 @@ fn no_address_error() -> ErrorInfo {
     }
 }
 
+/// Longest error message and provider message id an outcome event carries
+/// (`schemas/delivery-status.v1.json`).
+const MAX_ERROR_MESSAGE_CHARS: usize = 4000;
+const MAX_MESSAGE_ID_CHARS: usize = 1000;
+
+/// The outcome's error for `e`. Its message may quote the provider (an SMTP
+/// reply, an HTTP body), so it is made printable (see [`text`]).
 fn error_info(e: &SendError) -> ErrorInfo {
     ErrorInfo {
-        code: storable(e.code().to_string()),
-        message: storable(e.message().to_string()),
+        code: e.code().to_string(),
+        message: text::printable(e.message(), MAX_ERROR_MESSAGE_CHARS),
         retryable: e.is_retryable(),
-    }
-}
-
-/// A provider's string (a message id, an error) as PostgreSQL can store
-/// it: `text` and `jsonb` cannot hold U+0000, and one such value would fail
-/// the statement a whole batch of finishes shares, over and over. NUL
-/// becomes U+FFFD.
-fn storable(s: String) -> String {
-    if s.contains('\0') {
-        s.replace('\0', "\u{FFFD}")
-    } else {
-        s
     }
 }
 
@@ -942,16 +940,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_provider_string_with_nul_is_made_storable() {
-        assert_eq!(storable("SM123".into()), "SM123");
-        assert_eq!(storable("SM\0x\0".into()), "SM\u{FFFD}x\u{FFFD}");
+    fn an_error_message_quoting_the_provider_is_made_printable() {
         let e = SendError::Permanent {
-            code: "bad\0code".into(),
-            message: "no\0pe".into(),
+            code: "smtp_permanent".into(),
+            message: "550 no\0pe\r\nX-Injected: 1".into(),
         };
         let info = error_info(&e);
-        assert_eq!(info.code, "bad\u{FFFD}code");
-        assert_eq!(info.message, "no\u{FFFD}pe");
+        assert_eq!(info.code, "smtp_permanent");
+        assert_eq!(info.message, "550 no pe  X-Injected: 1");
         assert!(!info.retryable);
     }
 }

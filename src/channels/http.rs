@@ -106,15 +106,10 @@ pub(crate) fn describe(status: StatusCode, text: &str) -> String {
         message.push(' ');
         message.push_str(reason);
     }
-    let snippet: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(300)
-        .collect();
-    let snippet = snippet.trim();
+    let snippet = crate::domain::text::printable(text, 300);
     if !snippet.is_empty() {
         message.push_str(": ");
-        message.push_str(snippet);
+        message.push_str(&snippet);
     }
     message
 }

@@ -8,6 +8,7 @@ pub mod decode;
 pub mod outcome;
 pub mod recipient;
 pub mod request;
+pub mod text;
 
 pub use decode::{
     CancelRequest, DecodeError, DecodeErrorCode, Decoded, check_schemas, decode_message,

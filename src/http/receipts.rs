@@ -47,7 +47,7 @@ use sqlx::PgPool;
 
 use crate::channels::webhook::{self, WebhookConfigError};
 use crate::config::Settings;
-use crate::domain::{Channel, DeliveryStatusEvent, ErrorInfo, Status};
+use crate::domain::{Channel, DeliveryStatusEvent, ErrorInfo, Status, text};
 use crate::http::api::problem::{Problem, RawBody};
 use crate::kafka::{OutcomePublisher, PublishError};
 use crate::policy::Policy;
@@ -812,23 +812,17 @@ fn outcome_event(
     e
 }
 
-/// Control characters removed, at most [`MAX_DETAIL_CHARS`].
+/// A provider's detail for an error message: printable, at most
+/// [`MAX_DETAIL_CHARS`], absent when nothing is left.
 fn clean_detail(s: &str) -> Option<String> {
-    let s: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(MAX_DETAIL_CHARS)
-        .collect();
-    let s = s.trim();
-    (!s.is_empty()).then(|| s.to_string())
+    let s = text::printable(s, MAX_DETAIL_CHARS);
+    (!s.is_empty()).then_some(s)
 }
 
 /// A non-empty identifier-like string (the event schema's rule: 1..=200
 /// characters, no control characters); anything else is treated as absent.
 fn identifier(s: Option<&str>) -> Option<String> {
-    s.map(str::trim)
-        .filter(|s| !s.is_empty() && s.chars().count() <= 220 && !s.chars().any(char::is_control))
-        .map(str::to_string)
+    s.and_then(|s| text::identifier(s, 220))
 }
 
 // ---------------------------------------------------------------------------
