@@ -320,13 +320,18 @@ async fn sends_batch(
     .await?;
     let mut answers: Vec<Vec<DateTime<Utc>>> = vec![Vec::new(); batch.len()];
     for (ord, sent_at) in rows {
-        usize::try_from(ord - 1)
-            .ok()
-            .and_then(|i| answers.get_mut(i))
-            .ok_or_else(|| StoreError::Corrupt(format!("recent sends row {ord} out of range")))?
-            .push(sent_at);
+        slot(&mut answers, ord, "recent sends")?.push(sent_at);
     }
     Ok(answers)
+}
+
+/// The answer of the job a batched read's row belongs to: `ord` is the
+/// 1-based `WITH ORDINALITY` of its input row.
+fn slot<'a, T>(answers: &'a mut [T], ord: i64, what: &str) -> Result<&'a mut T, StoreError> {
+    usize::try_from(ord - 1)
+        .ok()
+        .and_then(|i| answers.get_mut(i))
+        .ok_or_else(|| StoreError::Corrupt(format!("{what} row {ord} out of range")))
 }
 
 /// Answers queued lookups, one statement per batch.
@@ -370,11 +375,7 @@ async fn lookup_batch(pool: &PgPool, batch: &[LookupJob]) -> Result<Vec<LookupAn
     .await?;
     let mut answers: Vec<Option<LookupAnswer>> = vec![None; batch.len()];
     for (ord, suppressed, levels) in rows {
-        let slot = usize::try_from(ord - 1)
-            .ok()
-            .and_then(|i| answers.get_mut(i))
-            .ok_or_else(|| StoreError::Corrupt(format!("lookup row {ord} out of range")))?;
-        *slot = Some((levels.0, suppressed));
+        *slot(&mut answers, ord, "lookup")? = Some((levels.0, suppressed));
     }
     answers
         .into_iter()
@@ -441,17 +442,31 @@ mod tests {
             (None, "b", now, 10, vec![ago(10), ago(20)]),
             (Some("t1"), "nobody", now, 5, vec![]),
         ];
+        // All reads in one statement, as a batch of them is answered…
+        let jobs: Vec<SendsJob> = reads
+            .iter()
+            .map(|(t, u, at, limit, _)| SendsJob {
+                tenant_id: t.map(str::to_string),
+                user_id: u.to_string(),
+                channel: Channel::Webhook,
+                now: *at,
+                limit: *limit,
+                done: tokio::sync::oneshot::channel().0,
+            })
+            .collect();
+        let batched = sends_batch(&store.pool, &jobs).await.unwrap();
+        // … and concurrently through the store, however they are batched.
         let answers =
             futures::future::join_all(reads.iter().map(|(t, u, at, limit, _)| {
                 store.recent_sends(*t, u, Channel::Webhook, *at, *limit)
             }))
             .await;
-        for ((t, u, at, limit, expected), answer) in reads.iter().zip(answers) {
-            assert_eq!(
-                &answer.unwrap(),
-                expected,
-                "tenant {t:?} user {u} at {at} limit {limit}"
-            );
+        for (((t, u, at, limit, expected), answer), in_one) in
+            reads.iter().zip(answers).zip(batched)
+        {
+            let what = format!("tenant {t:?} user {u} at {at} limit {limit}");
+            assert_eq!(&answer.unwrap(), expected, "{what}");
+            assert_eq!(&in_one, expected, "{what}, one statement");
         }
     }
 }
