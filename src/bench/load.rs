@@ -66,6 +66,11 @@ fn capped(user: usize, shares: Shares) -> bool {
 fn muted(user: usize, muted_percent: usize) -> bool {
     user % 100 < muted_percent
 }
+/// Users (by index mod 100, from 25 on, apart from the default muted and
+/// capped ones) whose webhook endpoint answers 503 (`--failing-percent`).
+fn failing(user: usize, failing_percent: usize) -> bool {
+    (user + 75) % 100 < failing_percent
+}
 
 /// Percentages of the bench's users who muted its category and who have a
 /// frequency cap (`--muted-percent`, `--capped-percent`).
@@ -125,12 +130,44 @@ pub fn suppressed(n: usize, batch: usize, muted_percent: usize) -> usize {
     (0..n).filter(|i| muted(i % USERS, muted_percent)).count() * batch.max(1)
 }
 
+/// How many of the notifications of requests `0..n` (`batch` recipients
+/// each) go to a failing webhook endpoint and are not suppressed first: each
+/// ends `failed` after its retries.
+pub fn failing_notifications(
+    n: usize,
+    batch: usize,
+    mix: Mix,
+    muted_percent: usize,
+    failing_percent: usize,
+) -> usize {
+    (0..n)
+        .filter(|i| {
+            let u = i % USERS;
+            !is_email(mix, *i) && failing(u, failing_percent) && !muted(u, muted_percent)
+        })
+        .count()
+        * batch.max(1)
+}
+
+/// Whether request `i` of `mix` is an email (else a webhook).
+fn is_email(mix: Mix, i: usize) -> bool {
+    match mix {
+        Mix::Webhook => false,
+        Mix::Email => true,
+        Mix::Mixed => i % 2 == 1,
+    }
+}
+
 /// How requests are built.
 pub struct RequestSpec {
     pub mix: Mix,
     pub template: bool,
     pub batch: usize,
     pub webhook_url: String,
+    /// The endpoint of the failing users' webhooks (answers 503), and
+    /// their share (see [`failing`]).
+    pub failing_url: String,
+    pub failing_percent: usize,
 }
 
 /// Topics of one run.
@@ -225,7 +262,13 @@ pub struct LoadResult {
     /// should suppress.
     pub suppressed: usize,
     pub expected_suppressed: usize,
+    /// Final outcomes that are `failed`, and how many go to a failing
+    /// endpoint (`--failing-percent`).
+    pub failed: usize,
+    pub expected_failed: usize,
     pub sink_http: usize,
+    /// Requests the failing endpoint answered (one per attempt).
+    pub sink_failing: usize,
     pub sink_smtp: usize,
     /// Herald's own view (from its `/metrics`): time from the start of the
     /// load until every request was consumed and nothing was in flight any
@@ -271,8 +314,9 @@ struct Finals {
     arrivals: HashMap<String, Instant>,
     /// Final outcomes with a different `event_id` than the first.
     duplicates: usize,
-    /// First final outcomes that are `suppressed`.
+    /// First final outcomes that are `suppressed`, and `failed`.
     suppressed: usize,
+    failed: usize,
 }
 
 /// Reads `topic` from the beginning until `expected` distinct final outcomes
@@ -301,6 +345,7 @@ fn read_finals(
     let mut events: HashMap<String, String> = HashMap::with_capacity(expected);
     let mut duplicates = 0;
     let mut suppressed = 0;
+    let mut failed = 0;
     let mut last_progress = Instant::now();
     let mut last_print = Instant::now();
     while arrivals.len() < expected && !stop.load(Ordering::Relaxed) {
@@ -326,8 +371,10 @@ fn read_finals(
             Some(prev) if *prev != o.event_id => duplicates += 1,
             Some(_) => {}
             None => {
-                if o.status == "suppressed" {
-                    suppressed += 1;
+                match o.status.as_str() {
+                    "suppressed" => suppressed += 1,
+                    "failed" => failed += 1,
+                    _ => {}
                 }
                 events.insert(id.clone(), o.event_id);
                 arrivals.insert(id, now);
@@ -343,6 +390,7 @@ fn read_finals(
         arrivals,
         duplicates,
         suppressed,
+        failed,
     })
 }
 
@@ -398,17 +446,17 @@ async fn produce_all(
 
 fn build_request(spec: &RequestSpec, run: &str, i: usize) -> (String, String, Vec<u8>) {
     let id = format!("{run}-{i}");
-    let email = match spec.mix {
-        Mix::Webhook => false,
-        Mix::Email => true,
-        Mix::Mixed => i % 2 == 1,
+    let email = is_email(spec.mix, i);
+    let url = match failing(i % USERS, spec.failing_percent) {
+        true => &spec.failing_url,
+        false => &spec.webhook_url,
     };
     let user = format!("user-{}", i % USERS);
     let recipient = |k: usize| {
         if email {
             serde_json::json!({ "email": format!("{user}.{k}@example.com"), "user_id": user })
         } else {
-            serde_json::json!({ "url": spec.webhook_url, "user_id": user })
+            serde_json::json!({ "url": url, "user_id": user })
         }
     };
     let mut r = serde_json::json!({
@@ -513,7 +561,10 @@ fn summarize(
         duplicate_finals: finals.duplicates,
         suppressed: finals.suppressed,
         expected_suppressed: 0,
+        failed: finals.failed,
+        expected_failed: 0,
         sink_http: 0,
+        sink_failing: 0,
         sink_smtp: 0,
         drained: None,
         machine: None,
@@ -596,6 +647,8 @@ pub async fn passthrough(
         template: false,
         batch: 1,
         webhook_url: "http://127.0.0.1:9/".into(),
+        failing_url: String::new(),
+        failing_percent: 0,
     };
     let r = herald_load(brokers, &topics, &spec, n, rate).await;
     stop.store(true, Ordering::Relaxed);
@@ -811,5 +864,30 @@ mod tests {
         let capped_users = (0..USERS).filter(|u| capped(*u, shares)).count();
         assert_eq!(capped_users, USERS / 20);
         assert!((0..USERS).all(|u| !(muted(u, 1) && capped(u, shares))));
+    }
+
+    #[test]
+    fn failing_users_are_counted_apart_from_muted_ones_and_emails() {
+        use Mix::*;
+        assert_eq!(failing_notifications(300, 1, Webhook, 1, 0), 0);
+        // Users 25 and 26 of every hundred.
+        assert_eq!(failing_notifications(300, 1, Webhook, 1, 2), 6);
+        assert_eq!(failing_notifications(300, 3, Webhook, 1, 2), 18);
+        assert_eq!(failing_notifications(300, 1, Email, 1, 2), 0);
+        // Mixed: odd requests are emails, so only 26, 126, 226 stay.
+        assert_eq!(failing_notifications(300, 1, Mixed, 1, 2), 3);
+        // Everyone failing, the muted ones suppressed first.
+        assert_eq!(failing_notifications(300, 1, Webhook, 1, 100), 297);
+        assert_eq!(failing_notifications(300, 1, Webhook, 0, 100), 300);
+        // The default muted and capped users fail only from 26% on.
+        let shares = Shares {
+            muted_percent: 1,
+            capped_percent: 5,
+        };
+        for u in 0..USERS {
+            if failing(u, 25) {
+                assert!(!muted(u, 1) && !capped(u, shares), "user-{u}");
+            }
+        }
     }
 }

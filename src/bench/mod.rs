@@ -54,6 +54,14 @@ pub struct BenchArgs {
     /// cap (never reached; the cap check reads their recent sends).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub capped_percent: u8,
+    /// The percentage of the bench's users whose webhook endpoint answers
+    /// 503 (webhook requests only): their notifications are retried through
+    /// the due-work scheduler and end `failed`. With a share above 0 the
+    /// run uses short retries (HERALD_ROUTING__RETRY_BASE_MS=50,
+    /// RETRY_CAP_MS=200, BUILTIN_MAX_RETRIES=2: three attempts each) and a
+    /// circuit breaker that does not open; `--set` overrides them.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub failing_percent: u8,
     /// The herald binary to run (default: target/release/herald).
     #[arg(long)]
     pub herald_bin: Option<PathBuf>,
@@ -89,6 +97,19 @@ impl BenchArgs {
             muted_percent: self.muted_percent.into(),
             capped_percent: self.capped_percent.into(),
         }
+    }
+
+    /// Attempts of a notification to a failing endpoint: the first and
+    /// every retry (`BUILTIN_MAX_RETRIES`, 2 unless `--set`).
+    fn failing_attempts(&self) -> usize {
+        let retries = self
+            .set
+            .iter()
+            .rev()
+            .find(|(k, _)| k.eq_ignore_ascii_case("HERALD_ROUTING__BUILTIN_MAX_RETRIES"))
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+            .unwrap_or(2);
+        retries + 1
     }
 }
 
@@ -308,6 +329,8 @@ struct HeraldRun {
     /// The share of users whose notifications end `suppressed`: 0 without
     /// policy (nothing is looked up).
     muted_percent: usize,
+    /// The share of users whose webhook endpoint fails.
+    failing_percent: usize,
     brokers: String,
     cpu_at_start: f64,
     admin_database_url: String,
@@ -355,6 +378,16 @@ impl HeraldRun {
                 "bench-secret".into(),
             ),
         ];
+        if args.failing_percent > 0 {
+            for (k, v) in [
+                ("HERALD_ROUTING__RETRY_BASE_MS", "50"),
+                ("HERALD_ROUTING__RETRY_CAP_MS", "200"),
+                ("HERALD_ROUTING__BUILTIN_MAX_RETRIES", "2"),
+                ("HERALD_ROUTING__BREAKER_FAILURE_THRESHOLD", "1000000000"),
+            ] {
+                env.push((k.into(), v.into()));
+            }
+        }
         env.extend(args.set.iter().cloned());
         let child = Command::new(bin)
             .arg("serve")
@@ -394,6 +427,8 @@ impl HeraldRun {
             template: args.template,
             batch: 1,
             webhook_url: nginx.url("/warm"),
+            failing_url: String::new(),
+            failing_percent: 0,
         };
         load::warm_up(&brokers, &topics, &spec)
             .await
@@ -407,6 +442,7 @@ impl HeraldRun {
             template: args.template,
             batch: args.batch,
             muted_percent: if policy { args.muted_percent.into() } else { 0 },
+            failing_percent: args.failing_percent.into(),
             brokers,
             cpu_at_start,
             admin_database_url: args.admin_database_url.clone(),
@@ -421,11 +457,14 @@ impl HeraldRun {
         smtp: &sinks::SmtpSinkCounter,
     ) -> anyhow::Result<LoadResult> {
         let (http_before, smtp_before) = (nginx.count("/hook"), smtp.count());
+        let failing_before = nginx.count(sinks::FAILING_PATH);
         let spec = load::RequestSpec {
             mix: self.mix,
             template: self.template,
             batch: self.batch,
             webhook_url: nginx.url("/hook"),
+            failing_url: nginx.url(sinks::FAILING_PATH),
+            failing_percent: self.failing_percent,
         };
         let metrics_url = format!("http://127.0.0.1:{}/metrics", self.http_port);
         let client = reqwest::Client::new();
@@ -455,6 +494,13 @@ impl HeraldRun {
         let cpu_before = machine::Snapshot::take();
         let mut r = load::herald_load(&self.brokers, &self.topics, &spec, n, rate).await?;
         r.expected_suppressed = load::suppressed(n, self.batch, self.muted_percent);
+        r.expected_failed = load::failing_notifications(
+            n,
+            self.batch,
+            self.mix,
+            self.muted_percent,
+            self.failing_percent,
+        );
         r.machine = Some(cpu_before.usage_until(&machine::Snapshot::take(), self.child.id()));
         let abort = watcher.abort_handle();
         r.drained = tokio::time::timeout(Duration::from_secs(5), watcher)
@@ -466,6 +512,9 @@ impl HeraldRun {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         r.sink_http = nginx.count("/hook").saturating_sub(http_before);
         r.sink_smtp = smtp.count().saturating_sub(smtp_before);
+        r.sink_failing = nginx
+            .count(sinks::FAILING_PATH)
+            .saturating_sub(failing_before);
         Ok(r)
     }
 
@@ -502,6 +551,8 @@ struct Report {
     /// Labels of the count checks that failed.
     mismatches: Vec<String>,
     mix: Mix,
+    /// Requests the failing endpoint gets per failing notification.
+    failing_attempts: usize,
 }
 
 impl Report {
@@ -525,7 +576,7 @@ impl Report {
             })
             .unwrap_or(0);
         let header = format!(
-            "\n## {} — commit {commit}\n\nMachine: {cores} cores, {:.0} GiB. Broker, PostgreSQL, sinks, load generator and Herald co-located.\n\nCommand: `{command_line}`\n\nMix: {:?}, template: {}, batch: {}, partitions: {}, requests: {}, policy: {:?}, muted: {}%, capped: {}%\n\n",
+            "\n## {} — commit {commit}\n\nMachine: {cores} cores, {:.0} GiB. Broker, PostgreSQL, sinks, load generator and Herald co-located.\n\nCommand: `{command_line}`\n\nMix: {:?}, template: {}, batch: {}, partitions: {}, requests: {}, policy: {:?}, muted: {}%, capped: {}%, failing: {}%\n\n",
             chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
             mem_kib as f64 / 1024.0 / 1024.0,
             args.mix,
@@ -536,6 +587,7 @@ impl Report {
             args.policy,
             args.muted_percent,
             args.capped_percent,
+            args.failing_percent,
         );
         Report {
             header,
@@ -548,6 +600,7 @@ impl Report {
             raw_lettre: None,
             mismatches: Vec::new(),
             mix: args.mix,
+            failing_attempts: args.failing_attempts(),
         }
     }
 
@@ -608,33 +661,41 @@ impl Report {
     }
 
     /// Every request has exactly one final outcome, exactly the
-    /// notifications the stored preferences mute are `suppressed`, and the
-    /// sinks saw one message per other notification; a failure is also
-    /// remembered in `mismatches`, and makes the run exit non-zero.
+    /// notifications the stored preferences mute are `suppressed`, exactly
+    /// those to a failing endpoint are `failed` after every attempt reached
+    /// it, and the sinks saw one message per other notification; a failure
+    /// is also remembered in `mismatches`, and makes the run exit non-zero.
     fn counts(&mut self, what: &str, r: &LoadResult) {
         let ok = r.final_distinct == r.notifications
             && r.duplicate_finals == 0
-            && r.suppressed == r.expected_suppressed;
-        let sendable = r.notifications.saturating_sub(r.expected_suppressed);
-        let sink = match self.mix {
-            Mix::Webhook => r.sink_http == sendable,
-            Mix::Email => r.sink_smtp == sendable,
-            Mix::Mixed => r.sink_http + r.sink_smtp == sendable,
-        };
+            && r.suppressed == r.expected_suppressed
+            && r.failed == r.expected_failed;
+        let sendable = r
+            .notifications
+            .saturating_sub(r.expected_suppressed + r.expected_failed);
+        let sink = r.sink_failing == r.expected_failed * self.failing_attempts
+            && match self.mix {
+                Mix::Webhook => r.sink_http == sendable,
+                Mix::Email => r.sink_smtp == sendable,
+                Mix::Mixed => r.sink_http + r.sink_smtp == sendable,
+            };
         if !(ok && sink) {
             self.mismatches.push(what.to_string());
         }
         self.line(
             what,
             format!(
-                "{} final outcomes for {} notifications ({} duplicate finals; {} suppressed, {} expected), sinks saw http {} + smtp {}: {}",
+                "{} final outcomes for {} notifications ({} duplicate finals; {} suppressed, {} expected; {} failed, {} expected), sinks saw http {} + smtp {}, failing endpoint {}: {}",
                 r.final_distinct,
                 r.notifications,
                 r.duplicate_finals,
                 r.suppressed,
                 r.expected_suppressed,
+                r.failed,
+                r.expected_failed,
                 r.sink_http,
                 r.sink_smtp,
+                r.sink_failing,
                 if ok && sink { "OK" } else { "MISMATCH" }
             ),
         );

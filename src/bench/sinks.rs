@@ -28,7 +28,11 @@ pub fn wait_for_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
     bail!("nothing listens on 127.0.0.1:{port}")
 }
 
-/// nginx answering 200 to everything, logging one line per request.
+/// The path nginx answers 503 on (the failing users' webhooks).
+pub const FAILING_PATH: &str = "/fail";
+
+/// nginx answering 200 to everything but [`FAILING_PATH`] (503), logging one
+/// line per request.
 pub struct NginxSink {
     pub port: u16,
     dir: tempfile::TempDir,
@@ -44,7 +48,8 @@ impl NginxSink {
              events {{ worker_connections 8192; }}\n\
              http {{\n  log_format c '$uri';\n  access_log {d}/access.log c buffer=256k flush=1s;\n\
                client_body_temp_path {d}/body;\n  keepalive_requests 1000000;\n\
-               server {{ listen 127.0.0.1:{port}; location / {{ return 200 'ok'; }} }}\n}}\n",
+               server {{ listen 127.0.0.1:{port}; location / {{ return 200 'ok'; }}\n\
+                 location = {FAILING_PATH} {{ return 503 'down'; }} }}\n}}\n",
             d = dir.path().display()
         );
         std::fs::write(dir.path().join("nginx.conf"), conf)?;

@@ -81,7 +81,7 @@ fn the_bench_runs_every_phase_and_every_count_check_passes() {
     // Requests 0, 100, 200 and 300 go to users who muted the bench's category.
     assert!(
         row(&report, "count check")[0].contains(
-            "400 final outcomes for 400 notifications (0 duplicate finals; 4 suppressed, 4 expected), sinks saw http 396 + smtp 0: OK"
+            "400 final outcomes for 400 notifications (0 duplicate finals; 4 suppressed, 4 expected; 0 failed, 0 expected), sinks saw http 396 + smtp 0, failing endpoint 0: OK"
         ),
         "{report}"
     );
@@ -118,7 +118,7 @@ fn the_email_bench_counts_every_message_at_the_smtp_sink() {
     let check = row(&report, "count check");
     assert_eq!(check.len(), 1, "{report}");
     assert!(
-        check[0].contains("200 final outcomes for 200 notifications (0 duplicate finals; 2 suppressed, 2 expected), sinks saw http 0 + smtp 198: OK"),
+        check[0].contains("200 final outcomes for 200 notifications (0 duplicate finals; 2 suppressed, 2 expected; 0 failed, 0 expected), sinks saw http 0 + smtp 198, failing endpoint 0: OK"),
         "{report}"
     );
 }
@@ -132,6 +132,8 @@ fn the_policy_comparison_runs_with_and_without_stored_preferences() {
         &[
             "--policy",
             "compare",
+            "--failing-percent",
+            "2",
             "--requests",
             "300",
             "--skip-baselines",
@@ -139,18 +141,21 @@ fn the_policy_comparison_runs_with_and_without_stored_preferences() {
         ],
     );
     // With policy: the users who muted the category (requests 0, 100, 200)
-    // get `suppressed` and nothing at the sink.
+    // get `suppressed` and nothing at the sink. Both runs: the failing
+    // users' requests (25, 26, 125, 126, 225, 226) end `failed` after three
+    // attempts each at the failing endpoint (two retries through the due
+    // work).
     let on = row(&report, "count check");
     assert_eq!(on.len(), 1, "{report}");
     assert!(
-        on[0].contains("300 final outcomes for 300 notifications (0 duplicate finals; 3 suppressed, 3 expected), sinks saw http 297 + smtp 0: OK"),
+        on[0].contains("300 final outcomes for 300 notifications (0 duplicate finals; 3 suppressed, 3 expected; 6 failed, 6 expected), sinks saw http 291 + smtp 0, failing endpoint 18: OK"),
         "{report}"
     );
     // Without: everything is sent.
     let off = row(&report, "count check (policy off)");
     assert_eq!(off.len(), 1, "{report}");
     assert!(
-        off[0].contains("300 final outcomes for 300 notifications (0 duplicate finals; 0 suppressed, 0 expected), sinks saw http 300 + smtp 0: OK"),
+        off[0].contains("300 final outcomes for 300 notifications (0 duplicate finals; 0 suppressed, 0 expected; 6 failed, 6 expected), sinks saw http 294 + smtp 0, failing endpoint 18: OK"),
         "{report}"
     );
     for what in [
@@ -162,6 +167,7 @@ fn the_policy_comparison_runs_with_and_without_stored_preferences() {
         assert_eq!(row(&report, what).len(), 1, "no `{what}` row in\n{report}");
     }
     assert!(report.contains("policy: Compare"), "{report}");
+    assert!(report.contains("failing: 2%"), "{report}");
 }
 
 #[test]
