@@ -441,6 +441,25 @@ impl Pipeline {
         }
     }
 
+    /// Opens the next try of `n` (attempt `current` failed retryably with
+    /// `failed`, whose row in the delivery log is written first) with
+    /// `provider`.
+    async fn open_next(
+        &self,
+        n: &Notification,
+        current: i32,
+        provider: &str,
+        failed: Option<(AttemptResult, SendError, Duration)>,
+    ) -> Result<Opened, PipelineError> {
+        if let Some((r, _, _)) = failed {
+            self.store.finish_try(&n.id, current, &r).await?;
+        }
+        match self.store.next_try(&n.id, current, provider).await? {
+            Some(a) => Ok(Opened::Attempt(a)),
+            None => Err(PipelineError::SendInProgress(n.id.clone())),
+        }
+    }
+
     /// Tries `candidates` in order until one accepts `n`: a provider whose
     /// circuit is open is skipped, a rate limit is waited for briefly (or
     /// the provider skipped), a retryable failure moves on to the next
@@ -460,7 +479,10 @@ impl Pipeline {
         let rm = &self.metrics.routing;
         let channel = n.channel.as_str();
         let mut attempt: Option<i32> = None;
-        let mut last: Option<(String, SendError, Duration)> = None;
+        // The last retryable failure: its try's result, error and duration.
+        // Its row in the delivery log is written with what follows it (the
+        // next provider's try, the retry, or the final failure), not alone.
+        let mut last: Option<(AttemptResult, SendError, Duration)> = None;
         let mut retry_after: Option<Duration> = None;
         let mut limited: Option<Duration> = None;
         for (i, p) in candidates.iter().enumerate() {
@@ -487,11 +509,7 @@ impl Pipeline {
             }
             let opened = match attempt {
                 None => self.open_first(n, &start, name).await,
-                Some(current) => match self.store.next_try(&n.id, current, name).await {
-                    Ok(Some(a)) => Ok(Opened::Attempt(a)),
-                    Ok(None) => Err(PipelineError::SendInProgress(n.id.clone())),
-                    Err(e) => Err(e.into()),
-                },
+                Some(current) => self.open_next(n, current, name, last.take()).await,
             };
             let a = match opened {
                 Ok(Opened::Attempt(a)) => a,
@@ -562,15 +580,14 @@ impl Pipeline {
                 error: Some(error_info(&e)),
                 duration_ms: millis(elapsed),
             };
-            self.store.finish_try(&n.id, a, &r).await?;
             retry_after = retry_after.max(e.retry_after());
             if i + 1 < candidates.len() {
                 rm.fallbacks.with_label_values(&[channel, name]).inc();
             }
-            last = Some((name.to_string(), e, elapsed));
+            last = Some((r, e, elapsed));
         }
         match (attempt, last) {
-            (Some(a), Some((provider, e, elapsed))) => {
+            (Some(a), Some((last_try, e, elapsed))) => {
                 let Some(primary) = candidates.first() else {
                     return Ok(());
                 };
@@ -588,11 +605,11 @@ impl Pipeline {
                         let attempt_no = u32::try_from(a).unwrap_or(0);
                         let mut event =
                             DeliveryStatusEvent::for_notification(n, Status::Retrying, attempt_no);
-                        event.provider = Some(provider);
+                        event.provider = Some(last_try.provider.clone());
                         event.reason = Some(error.code.clone());
                         event.error = Some(error);
                         event.next_attempt_at = Some(until);
-                        if due.retry_later(&n.id, a, until, &event).await? {
+                        if due.retry_later(&n.id, a, &last_try, until, &event).await? {
                             rm.retries.with_label_values(&[channel]).inc();
                             self.publish(&event, Some(n)).await?;
                         }
@@ -600,7 +617,7 @@ impl Pipeline {
                     }
                     _ => {
                         rm.retries_exhausted.with_label_values(&[channel]).inc();
-                        self.finish(n, a, &provider, Err(e), elapsed).await
+                        self.finish(n, a, &last_try.provider, Err(e), elapsed).await
                     }
                 }
             }

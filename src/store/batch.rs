@@ -118,6 +118,45 @@ pub(super) fn answer_all<J, A>(
     }
 }
 
+/// Answers jobs keyed by id from a statement that returned one row per id it
+/// changed: a job gets `Some` of its id's value, `None` when the statement
+/// did not change its row; every job the error when the statement failed.
+pub(super) fn answer_by_id<A>(
+    replies: Vec<(String, Reply<Option<A>>)>,
+    rows: Result<std::collections::HashMap<String, A>, sqlx::Error>,
+    what: &str,
+) {
+    match rows {
+        Ok(mut rows) => {
+            for (id, reply) in replies {
+                let _ = reply.send(Ok(rows.remove(&id)));
+            }
+        }
+        Err(e) => fail_all(replies.into_iter().map(|(_, r)| r), what, &e),
+    }
+}
+
+/// Writes `batch` as statements in which no id repeats: the first job of
+/// each id goes in the first statement, a repeat in a later one, in order.
+/// (The same id twice in one `INSERT … ON CONFLICT` or `UPDATE … FROM
+/// UNNEST` writes the row once and would answer both jobs as if written.)
+pub(super) async fn distinct_rounds<J, Fut>(
+    mut batch: Vec<J>,
+    id: impl Fn(&J) -> &str,
+    mut write: impl FnMut(Vec<J>) -> Fut,
+) where
+    Fut: Future<Output = ()>,
+{
+    while !batch.is_empty() {
+        let mut seen = std::collections::HashSet::new();
+        let (round, later): (Vec<J>, Vec<J>) = batch
+            .into_iter()
+            .partition(|j| seen.insert(id(j).to_string()));
+        batch = later;
+        write(round).await;
+    }
+}
+
 /// Waits for the next job, then takes whatever else is queued (up to
 /// [`MAX_BATCH`]); `None` when every sender is gone. The writers share the
 /// receiver, so one of them gathers while the others write.
@@ -280,27 +319,25 @@ pub(super) struct ClaimJob {
 /// The claim writer: claims go out as one statement per batch; a `sending`
 /// claim holds its send lease for `send_lease`.
 pub(super) fn claim_writer(pool: PgPool, send_lease: std::time::Duration) -> Coalescer<ClaimJob> {
-    Coalescer::start("claim writer", move |mut batch: Vec<ClaimJob>| {
+    Coalescer::start("claim writer", move |batch: Vec<ClaimJob>| {
         let pool = pool.clone();
         async move {
-            // The same id twice in one statement would report both as
-            // inserted: later copies go in a statement of their own, after
-            // the first.
-            while !batch.is_empty() {
-                let mut seen = std::collections::HashSet::new();
-                let (round, later): (Vec<ClaimJob>, Vec<ClaimJob>) =
-                    batch.into_iter().partition(|j| seen.insert(j.id.clone()));
-                batch = later;
-                let (rows, replies) = claim_rows(round);
-                match write_claims(&pool, rows, send_lease).await {
-                    Ok(inserted) => {
-                        for (id, reply) in replies {
-                            let _ = reply.send(Ok(inserted.contains(&id)));
+            distinct_rounds(
+                batch,
+                |j| &j.id,
+                |round| async {
+                    let (rows, replies) = claim_rows(round);
+                    match write_claims(&pool, rows, send_lease).await {
+                        Ok(inserted) => {
+                            for (id, reply) in replies {
+                                let _ = reply.send(Ok(inserted.contains(&id)));
+                            }
                         }
+                        Err(e) => fail_all(replies.into_iter().map(|(_, r)| r), "claim", &e),
                     }
-                    Err(e) => fail_all(replies.into_iter().map(|(_, r)| r), "claim", &e),
-                }
-            }
+                },
+            )
+            .await
         }
     })
 }

@@ -4,11 +4,16 @@
 //! scheduler's batch claim with a lease (`FOR UPDATE SKIP LOCKED`), the
 //! transitions of a claimed row, the queue depth, and cancellation.
 
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use sqlx::types::Json;
 
 use super::StoreError;
+use super::batch::{Coalescer, Reply, answer_by_id, distinct_rounds};
+use super::notifications::AttemptResult;
 use crate::domain::{DeliveryStatusEvent, Notification, Status};
 
 /// The statuses of rows that wait for `next_attempt_at`, as SQL.
@@ -33,11 +38,21 @@ pub struct DueRow {
 #[derive(Clone)]
 pub struct DueStore {
     pool: PgPool,
+    /// Coalesce the transitions of claimed rows (see [`super::batch`]);
+    /// each started on first use (the API builds stores that only cancel).
+    starts: Arc<OnceLock<Coalescer<StartJob>>>,
+    settles: Arc<OnceLock<Coalescer<SettleJob>>>,
+    retries: Arc<OnceLock<Coalescer<RetryJob>>>,
 }
 
 impl DueStore {
     pub fn new(pool: PgPool) -> Self {
-        DueStore { pool }
+        DueStore {
+            pool,
+            starts: Arc::default(),
+            settles: Arc::default(),
+            retries: Arc::default(),
+        }
     }
 
     /// Claims up to `limit` due rows for `owner` until `now + lease`:
@@ -86,41 +101,31 @@ impl DueStore {
     /// Moves a claimed due row to `sending` and starts attempt
     /// `attempts + 1` (written `sending` in the delivery log) in one
     /// statement. The scheduler's lease becomes the send lease, so a
-    /// redelivered request does not take the send over while it runs. `None` when `owner` no longer holds it (cancelled, or
-    /// the lease was lost).
+    /// redelivered request does not take the send over while it runs.
+    /// `None` when `owner` no longer holds it (cancelled, or the lease was
+    /// lost). Concurrent calls are written together in one statement.
     pub async fn start_attempt(
         &self,
         id: &str,
         owner: &str,
         provider: &str,
     ) -> Result<Option<i32>, StoreError> {
-        Ok(sqlx::query_scalar(&format!(
-            r#"
-            WITH upd AS (
-                UPDATE notifications
-                SET attempts = attempts + 1, status = 'sending', provider = $3,
-                    next_attempt_at = NULL, lease_owner = NULL, lease_until = NULL,
-                    send_lease_until = lease_until, updated_at = now()
-                WHERE id = $1 AND lease_owner = $2 AND status IN {PENDING}
-                RETURNING id, attempts
-            ), attempt AS (
-                INSERT INTO delivery_attempts (notification_id, attempt, provider, status)
-                SELECT id, attempts, $3, 'sending' FROM upd
-            )
-            SELECT attempts FROM upd
-            "#
-        ))
-        .bind(id)
-        .bind(owner)
-        .bind(provider)
-        .fetch_optional(&self.pool)
-        .await?)
+        let starts = self.starts.get_or_init(|| start_writer(self.pool.clone()));
+        starts
+            .submit(|done| StartJob {
+                id: id.to_string(),
+                owner: owner.to_string(),
+                provider: provider.to_string(),
+                done,
+            })
+            .await
     }
 
     /// Moves a claimed due row to `status` without sending: waiting again
     /// until `next_attempt_at`, or final. Stores `event` as its last event
     /// and releases the lease (`event: None` keeps the last event: no
     /// status change was published). False when `owner` no longer holds it.
+    /// Concurrent calls are written together in one statement.
     pub async fn settle(
         &self,
         id: &str,
@@ -130,60 +135,57 @@ impl DueStore {
         event: Option<&DeliveryStatusEvent>,
     ) -> Result<bool, StoreError> {
         let error = event.and_then(|e| e.error.as_ref());
-        let done = sqlx::query(&format!(
-            r#"
-            UPDATE notifications
-            SET status = $3, next_attempt_at = $4, last_event = COALESCE($5, last_event),
-                error_code = $6,
-                error_message = $7, lease_owner = NULL, lease_until = NULL, updated_at = now(),
-                failed_at = CASE WHEN $3 = 'failed' THEN now() ELSE failed_at END
-            WHERE id = $1 AND lease_owner = $2 AND status IN {PENDING}
-            "#
-        ))
-        .bind(id)
-        .bind(owner)
-        .bind(status.as_str())
-        .bind(next_attempt_at)
-        .bind(event.map(Json))
-        .bind(error.map(|e| e.code.as_str()))
-        .bind(error.map(|e| e.message.as_str()))
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() > 0)
+        let last_event = event
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let settles = self
+            .settles
+            .get_or_init(|| settle_writer(self.pool.clone()));
+        let settled = settles
+            .submit(|done| SettleJob {
+                id: id.to_string(),
+                owner: owner.to_string(),
+                status: status.as_str(),
+                next_attempt_at,
+                last_event,
+                error_code: error.map(|e| e.code.clone()),
+                error_message: error.map(|e| e.message.clone()),
+                done,
+            })
+            .await?;
+        Ok(settled.is_some())
     }
 
     /// Ends attempt `attempt` of a notification whose providers all failed
-    /// retryably: it becomes a due row (`retrying`) at `next_attempt_at`,
-    /// its retry count goes up, `event` becomes its last event. Only while
-    /// it is still `sending` (the caller holds the send). False otherwise.
+    /// retryably: the attempt's row in the delivery log gets `last_try`
+    /// (how the last provider's try ended), and the notification becomes a
+    /// due row (`retrying`) at `next_attempt_at` with `last_try`'s provider
+    /// and error, its retry count one higher and `event` as its last event.
+    /// The notification changes only while it is still `sending` at
+    /// `attempt` (the caller holds the send); false otherwise. Concurrent
+    /// calls are written together in one statement.
     pub async fn retry_later(
         &self,
         id: &str,
         attempt: i32,
+        last_try: &AttemptResult,
         next_attempt_at: DateTime<Utc>,
         event: &DeliveryStatusEvent,
     ) -> Result<bool, StoreError> {
-        let error = event.error.as_ref();
-        let done = sqlx::query(
-            r#"
-            UPDATE notifications
-            SET status = 'retrying', next_attempt_at = $3, retries = retries + 1,
-                last_event = $4, provider = $5, error_code = $6, error_message = $7,
-                send_lease_until = NULL, lease_owner = NULL, lease_until = NULL,
-                updated_at = now()
-            WHERE id = $1 AND status = 'sending' AND attempts = $2
-            "#,
-        )
-        .bind(id)
-        .bind(attempt)
-        .bind(next_attempt_at)
-        .bind(Json(event))
-        .bind(event.provider.as_deref())
-        .bind(error.map(|e| e.code.as_str()))
-        .bind(error.map(|e| e.message.as_str()))
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() > 0)
+        let event = serde_json::to_string(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let retries = self.retries.get_or_init(|| retry_writer(self.pool.clone()));
+        let moved = retries
+            .submit(|done| RetryJob {
+                id: id.to_string(),
+                attempt,
+                result: last_try.clone(),
+                next_attempt_at,
+                event,
+                done,
+            })
+            .await?;
+        Ok(moved.is_some())
     }
 
     /// Sets the retry count of `id` (a round that failed without a
@@ -319,6 +321,423 @@ pub enum RetryOutcome {
     NotFound,
 }
 
+/// One [`DueStore::start_attempt`] waiting for the next statement.
+struct StartJob {
+    id: String,
+    owner: String,
+    provider: String,
+    done: Reply<Option<i32>>,
+}
+
+fn start_writer(pool: PgPool) -> Coalescer<StartJob> {
+    Coalescer::start("due start writer", move |batch: Vec<StartJob>| {
+        let pool = pool.clone();
+        async move {
+            distinct_rounds(
+                batch,
+                |j| &j.id,
+                |round| async {
+                    let (mut ids, mut owners, mut providers) = (vec![], vec![], vec![]);
+                    let mut replies = Vec::with_capacity(round.len());
+                    for j in round {
+                        ids.push(j.id.clone());
+                        owners.push(j.owner);
+                        providers.push(j.provider);
+                        replies.push((j.id, j.done));
+                    }
+                    let rows = write_starts(&pool, ids, owners, providers).await;
+                    answer_by_id(replies, rows, "due start");
+                },
+            )
+            .await
+        }
+    })
+}
+
+async fn write_starts(
+    pool: &PgPool,
+    ids: Vec<String>,
+    owners: Vec<String>,
+    providers: Vec<String>,
+) -> Result<HashMap<String, i32>, sqlx::Error> {
+    let rows: Vec<(String, i32)> = sqlx::query_as(&format!(
+        r#"
+        WITH input AS (
+            SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]) AS t(id, owner, provider)
+        ), upd AS (
+            UPDATE notifications n
+            SET attempts = n.attempts + 1, status = 'sending', provider = i.provider,
+                next_attempt_at = NULL, lease_owner = NULL, lease_until = NULL,
+                send_lease_until = n.lease_until, updated_at = now()
+            FROM input i
+            WHERE n.id = i.id AND n.lease_owner = i.owner AND n.status IN {PENDING}
+            RETURNING n.id, n.attempts, i.provider
+        ), attempt AS (
+            INSERT INTO delivery_attempts (notification_id, attempt, provider, status)
+            SELECT id, attempts, provider, 'sending' FROM upd
+        )
+        SELECT id, attempts FROM upd
+        "#
+    ))
+    .bind(ids)
+    .bind(owners)
+    .bind(providers)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// One [`DueStore::settle`] waiting for the next statement.
+struct SettleJob {
+    id: String,
+    owner: String,
+    status: &'static str,
+    next_attempt_at: Option<DateTime<Utc>>,
+    /// The event, serialized; `None` keeps the stored one.
+    last_event: Option<String>,
+    error_code: Option<String>,
+    error_message: Option<String>,
+    done: Reply<Option<()>>,
+}
+
+fn settle_writer(pool: PgPool) -> Coalescer<SettleJob> {
+    Coalescer::start("due settle writer", move |batch: Vec<SettleJob>| {
+        let pool = pool.clone();
+        async move {
+            distinct_rounds(
+                batch,
+                |j| &j.id,
+                |round| async {
+                    let mut cols = SettleRows::default();
+                    let mut replies = Vec::with_capacity(round.len());
+                    for j in round {
+                        cols.ids.push(j.id.clone());
+                        cols.owners.push(j.owner);
+                        cols.statuses.push(j.status);
+                        cols.next.push(j.next_attempt_at);
+                        cols.events.push(j.last_event);
+                        cols.codes.push(j.error_code);
+                        cols.messages.push(j.error_message);
+                        replies.push((j.id, j.done));
+                    }
+                    let rows = write_settles(&pool, cols).await;
+                    answer_by_id(replies, rows, "due settle");
+                },
+            )
+            .await
+        }
+    })
+}
+
+#[derive(Default)]
+struct SettleRows {
+    ids: Vec<String>,
+    owners: Vec<String>,
+    statuses: Vec<&'static str>,
+    next: Vec<Option<DateTime<Utc>>>,
+    events: Vec<Option<String>>,
+    codes: Vec<Option<String>>,
+    messages: Vec<Option<String>>,
+}
+
+async fn write_settles(
+    pool: &PgPool,
+    rows: SettleRows,
+) -> Result<HashMap<String, ()>, sqlx::Error> {
+    let ids: Vec<String> = sqlx::query_scalar(&format!(
+        r#"
+        WITH input AS (
+            SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[],
+                                 $5::text[], $6::text[], $7::text[])
+                AS t(id, owner, status, next_attempt_at, last_event, error_code, error_message)
+        )
+        UPDATE notifications n
+        SET status = i.status, next_attempt_at = i.next_attempt_at,
+            last_event = COALESCE(i.last_event::jsonb, n.last_event),
+            error_code = i.error_code, error_message = i.error_message,
+            lease_owner = NULL, lease_until = NULL, updated_at = now(),
+            failed_at = CASE WHEN i.status = 'failed' THEN now() ELSE n.failed_at END
+        FROM input i
+        WHERE n.id = i.id AND n.lease_owner = i.owner AND n.status IN {PENDING}
+        RETURNING n.id
+        "#
+    ))
+    .bind(rows.ids)
+    .bind(rows.owners)
+    .bind(rows.statuses)
+    .bind(rows.next)
+    .bind(rows.events)
+    .bind(rows.codes)
+    .bind(rows.messages)
+    .fetch_all(pool)
+    .await?;
+    Ok(ids.into_iter().map(|id| (id, ())).collect())
+}
+
+/// One [`DueStore::retry_later`] waiting for the next statement.
+struct RetryJob {
+    id: String,
+    attempt: i32,
+    result: AttemptResult,
+    next_attempt_at: DateTime<Utc>,
+    /// The `retrying` event, serialized.
+    event: String,
+    done: Reply<Option<()>>,
+}
+
+fn retry_writer(pool: PgPool) -> Coalescer<RetryJob> {
+    Coalescer::start("due retry writer", move |batch: Vec<RetryJob>| {
+        let pool = pool.clone();
+        async move {
+            distinct_rounds(
+                batch,
+                |j| &j.id,
+                |round| async {
+                    let mut cols = RetryRows::default();
+                    let mut replies = Vec::with_capacity(round.len());
+                    for j in round {
+                        let r = j.result;
+                        cols.ids.push(j.id.clone());
+                        cols.attempts.push(j.attempt);
+                        cols.statuses.push(r.status.as_str());
+                        cols.retryable.push(r.error.as_ref().map(|e| e.retryable));
+                        let (code, message) = r.error.map(|e| (e.code, e.message)).unzip();
+                        cols.codes.push(code);
+                        cols.messages.push(message);
+                        cols.durations.push(r.duration_ms);
+                        cols.providers.push(r.provider);
+                        cols.next.push(j.next_attempt_at);
+                        cols.events.push(j.event);
+                        replies.push((j.id, j.done));
+                    }
+                    let rows = write_retries(&pool, cols).await;
+                    answer_by_id(replies, rows, "retry");
+                },
+            )
+            .await
+        }
+    })
+}
+
+#[derive(Default)]
+struct RetryRows {
+    ids: Vec<String>,
+    attempts: Vec<i32>,
+    statuses: Vec<&'static str>,
+    codes: Vec<Option<String>>,
+    messages: Vec<Option<String>>,
+    retryable: Vec<Option<bool>>,
+    durations: Vec<i32>,
+    providers: Vec<String>,
+    next: Vec<DateTime<Utc>>,
+    events: Vec<String>,
+}
+
+async fn write_retries(pool: &PgPool, rows: RetryRows) -> Result<HashMap<String, ()>, sqlx::Error> {
+    let ids: Vec<String> = sqlx::query_scalar(
+        r#"
+        WITH input AS (
+            SELECT * FROM UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::text[],
+                                 $6::bool[], $7::int4[], $8::text[], $9::timestamptz[],
+                                 $10::text[])
+                AS t(id, attempt, status, error_code, error_message, retryable, duration_ms,
+                     provider, next_attempt_at, last_event)
+        ), attempt AS (
+            UPDATE delivery_attempts d
+            SET status = i.status, error_code = i.error_code, error_message = i.error_message,
+                retryable = i.retryable, finished_at = now(), duration_ms = i.duration_ms
+            FROM input i
+            WHERE d.notification_id = i.id AND d.attempt = i.attempt
+        )
+        UPDATE notifications n
+        SET status = 'retrying', next_attempt_at = i.next_attempt_at, retries = n.retries + 1,
+            last_event = i.last_event::jsonb, provider = i.provider,
+            error_code = i.error_code, error_message = i.error_message,
+            send_lease_until = NULL, lease_owner = NULL, lease_until = NULL, updated_at = now()
+        FROM input i
+        WHERE n.id = i.id AND n.status = 'sending' AND n.attempts = i.attempt
+        RETURNING n.id
+        "#,
+    )
+    .bind(rows.ids)
+    .bind(rows.attempts)
+    .bind(rows.statuses)
+    .bind(rows.codes)
+    .bind(rows.messages)
+    .bind(rows.retryable)
+    .bind(rows.durations)
+    .bind(rows.providers)
+    .bind(rows.next)
+    .bind(rows.events)
+    .fetch_all(pool)
+    .await?;
+    Ok(ids.into_iter().map(|id| (id, ())).collect())
+}
+
 fn parse_status(s: &str) -> Result<Status, StoreError> {
     Status::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown status {s:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::domain::{ErrorInfo, decode_request};
+    use crate::store::NotificationStore;
+
+    fn notification(id: &str) -> Notification {
+        let raw = format!(
+            r#"{{"id":"{id}","channel":"webhook","recipient":{{"url":"https://example.com/h"}},"content":{{"text":"hi"}}}}"#
+        );
+        decode_request(raw.as_bytes(), 1 << 20)
+            .unwrap()
+            .into_notifications()
+            .next()
+            .unwrap()
+    }
+
+    fn failed_try() -> AttemptResult {
+        AttemptResult {
+            status: Status::Failed,
+            provider: "webhook".into(),
+            provider_message_id: None,
+            error: Some(ErrorInfo {
+                code: "provider_unavailable".into(),
+                message: "HTTP 503".into(),
+                retryable: true,
+            }),
+            duration_ms: 7,
+        }
+    }
+
+    /// Concurrent transitions of claimed rows share statements; each call
+    /// must still get its own answer: a start for a row this owner does not
+    /// hold gets none, the same row started twice at once is started once,
+    /// and a retry for an attempt that is not the current one moves nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_transitions_of_claimed_rows_each_get_their_own_answer() {
+        let pool = crate::store::test_pool().await;
+        let store = NotificationStore::new(pool.clone(), Duration::from_secs(60));
+        let due = DueStore::new(pool.clone());
+        let past = Utc::now() - chrono::Duration::seconds(5);
+        let ns: Vec<Notification> = (0..30).map(|i| notification(&format!("d-{i}"))).collect();
+        for n in &ns {
+            let event = DeliveryStatusEvent::for_notification(n, Status::Deferred, 0);
+            store
+                .claim_decided(n, Status::Deferred, Some(past), &event)
+                .await
+                .unwrap();
+        }
+        let claimed = due
+            .claim_batch("a", 100, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 30);
+
+        // Rows 0..10 start (row 0 twice), 10..20 wait again, 20..30 are
+        // started by an owner that does not hold them.
+        let later = Utc::now() + chrono::Duration::hours(1);
+        let waiting: Vec<DeliveryStatusEvent> = ns[10..20]
+            .iter()
+            .map(|n| DeliveryStatusEvent::for_notification(n, Status::Deferred, 0))
+            .collect();
+        let starts = ns[..10]
+            .iter()
+            .chain(std::iter::once(&ns[0]))
+            .map(|n| due.start_attempt(&n.id, "a", "webhook"));
+        let foreign = ns[20..]
+            .iter()
+            .map(|n| due.start_attempt(&n.id, "b", "webhook"));
+        let settles = ns[10..20]
+            .iter()
+            .zip(&waiting)
+            .map(|(n, e)| due.settle(&n.id, "a", Status::Deferred, Some(later), Some(e)));
+        let (starts, foreign, settles) = tokio::join!(
+            futures::future::join_all(starts),
+            futures::future::join_all(foreign),
+            futures::future::join_all(settles)
+        );
+        let starts: Vec<Option<i32>> = starts.into_iter().map(Result::unwrap).collect();
+        assert!(starts[1..10].iter().all(|a| *a == Some(1)), "{starts:?}");
+        let row_0: Vec<Option<i32>> = vec![starts[0], starts[10]];
+        assert!(
+            row_0.contains(&Some(1)) && row_0.contains(&None),
+            "row 0 started once: {row_0:?}"
+        );
+        assert!(foreign.into_iter().all(|a| a.unwrap().is_none()));
+        assert!(settles.into_iter().all(|s| s.unwrap()));
+
+        // The started rows fail retryably: attempt 1 is current, 2 is not.
+        let r = failed_try();
+        let retry_event = |n: &Notification| {
+            let mut e = DeliveryStatusEvent::for_notification(n, Status::Retrying, 1);
+            e.next_attempt_at = Some(later);
+            e
+        };
+        let events: Vec<DeliveryStatusEvent> = ns[..10].iter().map(retry_event).collect();
+        let retries = ns[..10].iter().zip(&events).enumerate().map(|(i, (n, e))| {
+            let attempt = if i == 9 { 2 } else { 1 };
+            due.retry_later(&n.id, attempt, &r, later, e)
+        });
+        let moved: Vec<bool> = futures::future::join_all(retries)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            moved,
+            [true, true, true, true, true, true, true, true, true, false]
+        );
+
+        type Row = (String, String, i32, i32, Option<String>, Option<String>);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, status, attempts, retries, error_code, lease_owner FROM notifications
+             ORDER BY length(id), id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        for (i, (id, status, attempts, retries, code, owner)) in rows.iter().enumerate() {
+            let want: (&str, i32, i32, Option<&str>, Option<&str>) = match i {
+                0..9 => ("retrying", 1, 1, Some("provider_unavailable"), None),
+                9 => ("sending", 1, 0, None, None),
+                10..20 => ("deferred", 0, 0, None, None),
+                _ => ("deferred", 0, 0, None, Some("a")),
+            };
+            assert_eq!(
+                (
+                    status.as_str(),
+                    *attempts,
+                    *retries,
+                    code.as_deref(),
+                    owner.as_deref()
+                ),
+                want,
+                "{id}"
+            );
+        }
+        // Every started attempt is in the delivery log once; the retried
+        // ones are finished with the try's result.
+        type Attempt = (String, i32, String, Option<String>, Option<i32>, bool);
+        let attempts: Vec<Attempt> = sqlx::query_as(
+            "SELECT notification_id, attempt, status, error_code, duration_ms,
+                    finished_at IS NOT NULL
+             FROM delivery_attempts ORDER BY length(notification_id), notification_id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(attempts.len(), 10);
+        for (i, a) in attempts.iter().enumerate() {
+            assert_eq!(a.0, format!("d-{i}"));
+            assert_eq!(a.1, 1);
+            if i < 9 {
+                let want = ("failed", Some("provider_unavailable"), Some(7), true);
+                assert_eq!((a.2.as_str(), a.3.as_deref(), a.4, a.5), want, "{a:?}");
+            } else {
+                assert_eq!((a.2.as_str(), a.5), ("sending", false), "{a:?}");
+            }
+        }
+    }
 }
