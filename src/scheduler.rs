@@ -8,14 +8,17 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::Pipeline;
-use crate::store::DueStore;
+use crate::store::{DueRow, DueStore};
 
-/// Rows of one batch fired at once.
-const FIRE_CONCURRENCY: usize = 16;
+/// Rows in flight at most, in batches: the scheduler claims the next batch
+/// while earlier rows are still being sent (each waits for its provider and
+/// for the broker's acknowledgement of its outcome), and waits only when
+/// this many batches are in flight.
+const IN_FLIGHT_BATCHES: usize = 4;
 
 /// How often the due-queue depth gauge is refreshed.
 const DEPTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -23,9 +26,9 @@ const DEPTH_INTERVAL: Duration = Duration::from_secs(5);
 /// Scheduler settings.
 #[derive(Debug, Clone)]
 pub struct SchedulerSettings {
-    /// Sleep between rounds that found nothing due.
+    /// Sleep after a claim that found less than a full batch due.
     pub interval: Duration,
-    /// Rows claimed per round.
+    /// Rows claimed at a time.
     pub batch_size: i64,
     /// How long claimed rows belong to this instance.
     pub lease: Duration,
@@ -37,7 +40,7 @@ pub struct Scheduler {
     pipeline: Arc<Pipeline>,
     settings: SchedulerSettings,
     /// This instance's lease owner id (unique per process start).
-    owner: String,
+    owner: Arc<str>,
 }
 
 impl Scheduler {
@@ -46,45 +49,31 @@ impl Scheduler {
             due,
             pipeline,
             settings,
-            owner: format!("herald-{}", uuid::Uuid::new_v4().simple()),
+            owner: format!("herald-{}", uuid::Uuid::new_v4().simple()).into(),
         }
     }
 
-    /// Claims and fires one batch; returns how many rows were claimed.
-    /// A row whose firing fails on infrastructure is released (due again).
-    pub async fn run_once(&self) -> Result<usize, crate::store::StoreError> {
-        let rows = self
-            .due
-            .claim_batch(&self.owner, self.settings.batch_size, self.settings.lease)
-            .await?;
-        let n = rows.len();
-        futures::stream::iter(rows)
-            .for_each_concurrent(FIRE_CONCURRENCY, |row| async move {
-                let id = row.notification.id.clone();
-                if let Err(e) = self.pipeline.fire_due(row, &self.owner).await {
-                    tracing::warn!(notification_id = %id, error = %e, "firing a due row failed; released");
-                    self.pipeline
-                        .metrics()
-                        .infra_retries
-                        .with_label_values(&[e.stage()])
-                        .inc();
-                    if let Err(e) = self.due.release(&id, &self.owner).await {
-                        tracing::warn!(notification_id = %id, error = %e, "releasing a due row failed; its lease will expire");
-                    }
-                }
-            })
-            .await;
-        Ok(n)
-    }
-
-    /// Runs rounds until `stop` is cancelled. A full batch is followed at
-    /// once by the next; otherwise the loop sleeps `interval`. A round in
-    /// progress finishes before the loop returns.
+    /// Claims due rows and fires each as its own task, until `stop` is
+    /// cancelled. A full batch is followed at once by the next claim (while
+    /// up to [`IN_FLIGHT_BATCHES`] batches are in flight); a partial one by
+    /// a sleep of `interval`. Rows in flight finish before it returns.
     pub async fn run(self, stop: CancellationToken) {
+        let batch = usize::try_from(self.settings.batch_size)
+            .unwrap_or(1)
+            .max(1);
+        let max_in_flight = batch.saturating_mul(IN_FLIGHT_BATCHES);
+        let mut firing = JoinSet::new();
         let mut last_depth: Option<Instant> = None;
         loop {
+            while firing.try_join_next().is_some() {}
             if stop.is_cancelled() {
-                return;
+                break;
+            }
+            if firing.len() + batch > max_in_flight {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = firing.join_next() => continue,
+                }
             }
             if last_depth.is_none_or(|t| t.elapsed() >= DEPTH_INTERVAL) {
                 if let Ok(d) = self.due.depth().await {
@@ -92,20 +81,48 @@ impl Scheduler {
                 }
                 last_depth = Some(Instant::now());
             }
-            let claimed = match self.run_once().await {
-                Ok(n) => n,
+            let rows = match self
+                .due
+                .claim_batch(&self.owner, self.settings.batch_size, self.settings.lease)
+                .await
+            {
+                Ok(rows) => rows,
                 Err(e) => {
                     tracing::warn!(error = %e, "claiming due rows failed");
-                    0
+                    Vec::new()
                 }
             };
-            if i64::try_from(claimed).unwrap_or(i64::MAX) >= self.settings.batch_size {
+            let claimed = rows.len();
+            for row in rows {
+                let (pipeline, due, owner) =
+                    (self.pipeline.clone(), self.due.clone(), self.owner.clone());
+                firing.spawn(fire(pipeline, due, owner, row));
+            }
+            if claimed >= batch {
                 continue;
             }
             tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(self.settings.interval) => {}
             }
+        }
+        while firing.join_next().await.is_some() {}
+    }
+}
+
+/// Fires one claimed row through [`Pipeline::fire_due`]. A row whose firing
+/// fails on infrastructure is released (due again).
+async fn fire(pipeline: Arc<Pipeline>, due: DueStore, owner: Arc<str>, row: DueRow) {
+    let id = row.notification.id.clone();
+    if let Err(e) = pipeline.fire_due(row, &owner).await {
+        tracing::warn!(notification_id = %id, error = %e, "firing a due row failed; released");
+        pipeline
+            .metrics()
+            .infra_retries
+            .with_label_values(&[e.stage()])
+            .inc();
+        if let Err(e) = due.release(&id, &owner).await {
+            tracing::warn!(notification_id = %id, error = %e, "releasing a due row failed; its lease will expire");
         }
     }
 }

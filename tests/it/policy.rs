@@ -687,6 +687,47 @@ async fn two_instances_fire_500_due_rows_each_exactly_once() {
     b.stop().await;
 }
 
+/// A due row whose endpoint hangs must not hold back rows that fall due
+/// after it: the scheduler claims the next rows while earlier ones are still
+/// sending (it used to fire a batch and wait for all of it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_due_row_does_not_hold_back_the_rows_due_after_it() {
+    let env = TestEnv::new(1).await;
+    let sink = HttpSink::start().await;
+    let hanging = serve(axum::Router::new().route(
+        "/{*path}",
+        axum::routing::post(|| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            "late"
+        }),
+    ))
+    .await;
+    let app = RunningApp::start(env.settings(&[
+        ("HERALD_WEBHOOK__TIMEOUT_MS", "8000".into()),
+        ("HERALD_PIPELINE__SEND_LEASE_MS", "30000".into()),
+    ]))
+    .await;
+    let mut out = TopicReader::new(&env.outcomes, env.partitions);
+    warm_up(&env, &sink, &mut out).await;
+
+    let s = suffix();
+    let (slow, quick) = (format!("slow-{s}"), format!("quick-{s}"));
+    let mut r = request(&slow, "u-slow", Some(&format!("http://{hanging}/h")));
+    r["scheduled_at"] = json!((Utc::now() + chrono::Duration::seconds(1)).to_rfc3339());
+    send(&env, "acme:u-slow", &r).await;
+    let mut r = request(&quick, "u-quick", Some(&sink.url("q")));
+    r["scheduled_at"] = json!((Utc::now() + chrono::Duration::seconds(2)).to_rfc3339());
+    send(&env, "acme:u-quick", &r).await;
+    out.wait_for(WAIT, &[(&quick, "sent")]).await;
+    // The hanging send runs until its 8 s timeout: nothing after
+    // `scheduled` has been published for it yet.
+    assert_eq!(statuses(&out.events(), &slow), vec!["scheduled"]);
+    out.wait_for(WAIT, &[(&slow, "failed")]).await;
+    let failed = event(&out.events(), &slow, "failed");
+    assert_eq!(failed["error"]["code"], "http_timeout", "{failed}");
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn due_rows_are_claimed_urgent_first_and_a_lapsed_lease_is_taken_over() {
     use herald::domain::{DeliveryStatusEvent, Status, decode_request};
