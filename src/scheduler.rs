@@ -65,14 +65,21 @@ impl Scheduler {
         let mut firing = JoinSet::new();
         let mut last_depth: Option<Instant> = None;
         loop {
-            while firing.try_join_next().is_some() {}
+            while let Some(done) = firing.try_join_next() {
+                reap(done);
+            }
             if stop.is_cancelled() {
                 break;
             }
             if firing.len() + batch > max_in_flight {
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    _ = firing.join_next() => continue,
+                    done = firing.join_next() => {
+                        if let Some(done) = done {
+                            reap(done);
+                        }
+                        continue;
+                    }
                 }
             }
             if last_depth.is_none_or(|t| t.elapsed() >= DEPTH_INTERVAL) {
@@ -106,7 +113,17 @@ impl Scheduler {
                 _ = tokio::time::sleep(self.settings.interval) => {}
             }
         }
-        while firing.join_next().await.is_some() {}
+        while let Some(done) = firing.join_next().await {
+            reap(done);
+        }
+    }
+}
+
+/// Logs a firing task that panicked (its row's lease lapses and another
+/// claim takes it again).
+fn reap(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        tracing::error!(error = %e, "firing a due row panicked; its lease will lapse");
     }
 }
 
