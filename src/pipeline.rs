@@ -315,7 +315,11 @@ impl Pipeline {
         // little ahead of ours) is no status change: publish nothing.
         let unchanged = status == row.status && until == row.next_attempt_at;
         let stored = (!unchanged).then_some(&event);
-        if due.settle(&n.id, owner, status, until, stored).await? && !unchanged {
+        if due
+            .settle(&n.id, owner, status, until, stored, None)
+            .await?
+            && !unchanged
+        {
             self.publish(&event, Some(&n)).await?;
         }
         Ok(())
@@ -712,10 +716,12 @@ impl Pipeline {
         event.reason = Some(reason.to_string());
         event.error = error;
         event.next_attempt_at = Some(until);
+        // A rate-limit wait is not a retry round: the count is unchanged.
+        let counted = (status != Status::Throttled).then_some(retries);
         let published = match start {
             Start::Claim => match self
                 .store
-                .claim_decided(n, status, Some(until), &event)
+                .claim_waiting(n, status, until, &event, retries)
                 .await?
             {
                 Claim::New { .. } => true,
@@ -727,19 +733,16 @@ impl Pipeline {
                 owner,
                 status: before,
             } if *before == Status::Throttled && status == Status::Throttled => {
-                due.settle(&n.id, owner, status, Some(until), None).await?;
+                due.settle(&n.id, owner, status, Some(until), None, None)
+                    .await?;
                 false
             }
             Start::Due { owner, .. } => {
-                due.settle(&n.id, owner, status, Some(until), Some(&event))
+                due.settle(&n.id, owner, status, Some(until), Some(&event), counted)
                     .await?
             }
         };
         if published {
-            // A rate-limit wait is not a retry round: the count is unchanged.
-            if status != Status::Throttled {
-                due.set_retries(&n.id, retries).await?;
-            }
             self.publish(&event, Some(n)).await?;
         }
         Ok(())
@@ -763,7 +766,7 @@ impl Pipeline {
         event.error = Some(error);
         event.next_attempt_at = until;
         if due
-            .settle(&n.id, owner, status, until, Some(&event))
+            .settle(&n.id, owner, status, until, Some(&event), None)
             .await?
         {
             self.publish(&event, Some(n)).await?;

@@ -311,6 +311,8 @@ pub(super) struct ClaimJob {
     pub expires_at: Option<DateTime<Utc>>,
     /// When a waiting row (scheduled, deferred, throttled) is due.
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Retry rounds so far (0 but for a notification no provider could take).
+    pub retries: i32,
     /// `true` when this claim inserted the row (it owns it), `false` when a
     /// row with the id existed.
     pub done: Reply<bool>,
@@ -363,6 +365,7 @@ struct ClaimRows {
     scheduled: Vec<Option<DateTime<Utc>>>,
     expires: Vec<Option<DateTime<Utc>>>,
     next: Vec<Option<DateTime<Utc>>>,
+    retries: Vec<i32>,
 }
 
 fn claim_rows(round: Vec<ClaimJob>) -> (ClaimRows, Vec<(String, Reply<bool>)>) {
@@ -387,6 +390,7 @@ fn claim_rows(round: Vec<ClaimJob>) -> (ClaimRows, Vec<(String, Reply<bool>)>) {
         rows.scheduled.push(j.scheduled_at);
         rows.expires.push(j.expires_at);
         rows.next.push(j.next_attempt_at);
+        rows.retries.push(j.retries);
         senders.push((j.id, j.done));
     }
     (rows, senders)
@@ -403,19 +407,22 @@ async fn write_claims(
             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                                  $6::text[], $7::text[], $8::text[], $9::text[], $10::int4[],
                                  $11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
-                                 $16::timestamptz[], $17::timestamptz[], $18::timestamptz[])
+                                 $16::timestamptz[], $17::timestamptz[], $18::timestamptz[],
+                                 $20::int4[])
                 AS t(id, request_id, tenant_id, app_id, channel, priority, category,
                      correlation_id, status, attempts, provider, payload, last_event,
-                     error_code, error_message, scheduled_at, expires_at, next_attempt_at)
+                     error_code, error_message, scheduled_at, expires_at, next_attempt_at,
+                     retries)
         ), ins AS (
             INSERT INTO notifications (
                 id, request_id, tenant_id, app_id, channel, priority, category,
                 correlation_id, status, attempts, provider, payload, last_event,
                 error_code, error_message, scheduled_at, expires_at, next_attempt_at,
-                failed_at, send_lease_until)
+                retries, failed_at, send_lease_until)
             SELECT id, request_id, tenant_id, app_id, channel, priority, category,
                    correlation_id, status, attempts, provider, payload::jsonb, last_event::jsonb,
                    error_code, error_message, scheduled_at, expires_at, next_attempt_at,
+                   retries,
                    CASE WHEN status = 'failed' THEN now() END,
                    CASE WHEN status = 'sending' THEN now() + make_interval(secs => $19) END
             FROM input
@@ -447,6 +454,7 @@ async fn write_claims(
     .bind(rows.expires)
     .bind(rows.next)
     .bind(send_lease.as_secs_f64())
+    .bind(rows.retries)
     .fetch_all(pool)
     .await?;
     Ok(inserted.into_iter().collect())

@@ -124,8 +124,10 @@ impl DueStore {
     /// Moves a claimed due row to `status` without sending: waiting again
     /// until `next_attempt_at`, or final. Stores `event` as its last event
     /// and releases the lease (`event: None` keeps the last event: no
-    /// status change was published). False when `owner` no longer holds it.
-    /// Concurrent calls are written together in one statement.
+    /// status change was published). `retries: Some` sets its retry count
+    /// (a round that found every circuit open counts). False when `owner` no
+    /// longer holds it. Concurrent calls are written together in one
+    /// statement.
     pub async fn settle(
         &self,
         id: &str,
@@ -133,6 +135,7 @@ impl DueStore {
         status: Status,
         next_attempt_at: Option<DateTime<Utc>>,
         event: Option<&DeliveryStatusEvent>,
+        retries: Option<i32>,
     ) -> Result<bool, StoreError> {
         let error = event.and_then(|e| e.error.as_ref());
         let last_event = event
@@ -151,6 +154,7 @@ impl DueStore {
                 last_event,
                 error_code: error.map(|e| e.code.clone()),
                 error_message: error.map(|e| e.message.clone()),
+                retries,
                 done,
             })
             .await?;
@@ -186,17 +190,6 @@ impl DueStore {
             })
             .await?;
         Ok(moved.is_some())
-    }
-
-    /// Sets the retry count of `id` (a round that failed without a
-    /// provider call: every circuit open).
-    pub async fn set_retries(&self, id: &str, retries: i32) -> Result<(), StoreError> {
-        sqlx::query("UPDATE notifications SET retries = $2 WHERE id = $1")
-            .bind(id)
-            .bind(retries)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
     }
 
     /// Gives a claimed row back (e.g. after an infrastructure error) so it
@@ -397,6 +390,8 @@ struct SettleJob {
     last_event: Option<String>,
     error_code: Option<String>,
     error_message: Option<String>,
+    /// `None` keeps the stored count.
+    retries: Option<i32>,
     done: Reply<Option<()>>,
 }
 
@@ -418,6 +413,7 @@ fn settle_writer(pool: PgPool) -> Coalescer<SettleJob> {
                         cols.events.push(j.last_event);
                         cols.codes.push(j.error_code);
                         cols.messages.push(j.error_message);
+                        cols.retries.push(j.retries);
                         replies.push((j.id, j.done));
                     }
                     let rows = write_settles(&pool, cols).await;
@@ -438,6 +434,7 @@ struct SettleRows {
     events: Vec<Option<String>>,
     codes: Vec<Option<String>>,
     messages: Vec<Option<String>>,
+    retries: Vec<Option<i32>>,
 }
 
 async fn write_settles(
@@ -448,11 +445,13 @@ async fn write_settles(
         r#"
         WITH input AS (
             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[],
-                                 $5::text[], $6::text[], $7::text[])
-                AS t(id, owner, status, next_attempt_at, last_event, error_code, error_message)
+                                 $5::text[], $6::text[], $7::text[], $8::int4[])
+                AS t(id, owner, status, next_attempt_at, last_event, error_code, error_message,
+                     retries)
         )
         UPDATE notifications n
         SET status = i.status, next_attempt_at = i.next_attempt_at,
+            retries = COALESCE(i.retries, n.retries),
             last_event = COALESCE(i.last_event::jsonb, n.last_event),
             error_code = i.error_code, error_message = i.error_message,
             lease_owner = NULL, lease_until = NULL, updated_at = now(),
@@ -469,6 +468,7 @@ async fn write_settles(
     .bind(rows.events)
     .bind(rows.codes)
     .bind(rows.messages)
+    .bind(rows.retries)
     .fetch_all(pool)
     .await?;
     Ok(ids.into_iter().map(|id| (id, ())).collect())
@@ -652,7 +652,7 @@ mod tests {
         let settles = ns[10..20]
             .iter()
             .zip(&waiting)
-            .map(|(n, e)| due.settle(&n.id, "a", Status::Deferred, Some(later), Some(e)));
+            .map(|(n, e)| due.settle(&n.id, "a", Status::Deferred, Some(later), Some(e), None));
         let (starts, foreign, settles) = tokio::join!(
             futures::future::join_all(starts),
             futures::future::join_all(foreign),

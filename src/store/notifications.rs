@@ -36,6 +36,16 @@ pub struct AttemptResult {
     pub duration_ms: i32,
 }
 
+/// What a claim stores in a new row besides the notification.
+struct NewRow<'a> {
+    status: Status,
+    attempts: i32,
+    /// `None` for a row the policy decided (nothing sent yet).
+    provider: Option<&'a str>,
+    next_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
+    retries: i32,
+}
+
 /// Repository of notifications and delivery attempts.
 #[derive(Clone)]
 pub struct NotificationStore {
@@ -78,8 +88,14 @@ impl NotificationStore {
         event: Option<&DeliveryStatusEvent>,
     ) -> Result<Claim, StoreError> {
         let attempts: i32 = if status == Status::Sending { 1 } else { 0 };
-        self.insert(n, status, attempts, Some(provider), event, None)
-            .await
+        let row = NewRow {
+            status,
+            attempts,
+            provider: Some(provider),
+            next_attempt_at: None,
+            retries: 0,
+        };
+        self.insert(n, row, event).await
     }
 
     /// Inserts `n` with a status the policy decided and no send attempt: a
@@ -95,20 +111,51 @@ impl NotificationStore {
         next_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
         event: &DeliveryStatusEvent,
     ) -> Result<Claim, StoreError> {
-        self.insert(n, status, 0, None, Some(event), next_attempt_at)
-            .await
+        let row = NewRow {
+            status,
+            attempts: 0,
+            provider: None,
+            next_attempt_at,
+            retries: 0,
+        };
+        self.insert(n, row, Some(event)).await
+    }
+
+    /// [`Self::claim_decided`] for a fresh notification no provider could
+    /// take (rate limits, open circuits), with its retry count: a round that
+    /// found every circuit open counts as one.
+    pub async fn claim_waiting(
+        &self,
+        n: &Notification,
+        status: Status,
+        next_attempt_at: chrono::DateTime<chrono::Utc>,
+        event: &DeliveryStatusEvent,
+        retries: i32,
+    ) -> Result<Claim, StoreError> {
+        let row = NewRow {
+            status,
+            attempts: 0,
+            provider: None,
+            next_attempt_at: Some(next_attempt_at),
+            retries,
+        };
+        self.insert(n, row, Some(event)).await
     }
 
     /// The claim statement's job for `n`; `Claim::New` when it inserted.
     async fn insert(
         &self,
         n: &Notification,
-        status: Status,
-        attempts: i32,
-        provider: Option<&str>,
+        row: NewRow<'_>,
         event: Option<&DeliveryStatusEvent>,
-        next_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
     ) -> Result<Claim, StoreError> {
+        let NewRow {
+            status,
+            attempts,
+            provider,
+            next_attempt_at,
+            retries,
+        } = row;
         let payload = serde_json::to_string(n).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let last_event = event
             .map(serde_json::to_string)
@@ -136,6 +183,7 @@ impl NotificationStore {
                 scheduled_at: n.scheduled_at,
                 expires_at: n.expires_at,
                 next_attempt_at,
+                retries,
                 done,
             })
             .await?;

@@ -405,3 +405,83 @@ async fn other_keys_flow_while_one_waits_on_a_rate_limit() {
     assert_eq!(hooks.counts_by_id().len(), 20);
     app.stop().await;
 }
+
+/// When every provider's circuit is open, a notification waits as a due row
+/// (`retrying`, reason `circuit_open`) without a call, and the round counts
+/// as a retry: for a fresh notification (stored with its claim) and for a due
+/// row fired again (stored with its settle). Once a trial send gets through,
+/// both are sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_every_circuit_open_notifications_wait_and_count_the_round() {
+    let env = TestEnv::new(1).await;
+    let down = HttpSink::start().await;
+    *down.status.lock().expect("lock") = 503;
+    let up = HttpSink::start().await;
+    let app = RunningApp::start(env.settings(&[
+        ("HERALD_ROUTING__BUILTIN_MAX_RETRIES", "10".into()),
+        ("HERALD_ROUTING__BREAKER_FAILURE_THRESHOLD", "1".into()),
+        ("HERALD_ROUTING__BREAKER_COOLDOWN_MS", "3000".into()),
+    ]))
+    .await;
+    let p = producer();
+    let mut out = TopicReader::new(&env.outcomes, 1);
+    let s = suffix();
+    let (failing, waiting) = (format!("co-fail-{s}"), format!("co-wait-{s}"));
+    let pool = env.pool().await;
+    let retries = |id: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i32>("SELECT retries FROM notifications WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .expect("retries")
+        }
+    };
+    // The first failure opens the webhook provider's circuit for 3 s.
+    produce(
+        &p,
+        &env.requests,
+        "k",
+        &webhook_request(&failing, &down.url("a")),
+    )
+    .await;
+    out.wait_for(WAIT, &[(&failing, "retrying")]).await;
+    // A fresh notification finds it open: it waits without a call.
+    produce(
+        &p,
+        &env.requests,
+        "k",
+        &webhook_request(&waiting, &up.url("b")),
+    )
+    .await;
+    out.wait_for(WAIT, &[(&waiting, "retrying")]).await;
+    let first = event(&out.events(), &waiting, "retrying");
+    assert_eq!(first["reason"], "circuit_open", "{first}");
+    assert_eq!(first["error"]["code"], "circuit_open", "{first}");
+    assert_eq!(retries(waiting.clone()).await, 1, "the round counts");
+    assert!(up.received().is_empty(), "nothing was called");
+    // The failed one is due again 200 ms later, and finds the circuit open.
+    let read = out
+        .read_until(WAIT, |r| {
+            r.iter().any(|x| {
+                let v = x.json();
+                v["notification_id"] == failing.as_str()
+                    && v["status"] == "retrying"
+                    && v["reason"] == "circuit_open"
+            })
+        })
+        .await;
+    assert!(read, "{:?}", statuses(&out.events(), &failing));
+    assert_eq!(retries(failing.clone()).await, 2, "its second round counts");
+    assert_eq!(down.received().len(), 1, "no call while open");
+
+    // The endpoint recovers: once the circuit lets a trial through, both
+    // are sent.
+    *down.status.lock().expect("lock") = 200;
+    out.wait_for(WAIT, &[(&waiting, "sent"), (&failing, "sent")])
+        .await;
+    assert_eq!(down.received().len(), 2, "the failed try and the send");
+    assert_eq!(up.received().len(), 1, "sent once");
+    app.stop().await;
+}
