@@ -168,6 +168,10 @@ pub struct RequestSpec {
     /// their share (see [`failing`]).
     pub failing_url: String,
     pub failing_percent: usize,
+    /// Max-rate loads only: every request carries `scheduled_at` this long
+    /// after the load starts, so the notifications wait as scheduled rows
+    /// and the due-work scheduler releases them together.
+    pub scheduled_in: Option<Duration>,
 }
 
 /// Topics of one run.
@@ -275,6 +279,9 @@ pub struct LoadResult {
     /// more (processed, durable, outcomes acknowledged). Independent of how
     /// fast the local broker serves the outcomes back to the reader.
     pub drained: Option<Duration>,
+    /// A scheduled load: from the release (every request due) until the
+    /// last final outcome arrived.
+    pub released: Option<Duration>,
     /// CPU of every process on the machine while the load ran (Herald runs
     /// only; see [`super::machine`]).
     pub machine: Option<super::machine::Usage>,
@@ -444,7 +451,12 @@ async fn produce_all(
     Ok((sent, start))
 }
 
-fn build_request(spec: &RequestSpec, run: &str, i: usize) -> (String, String, Vec<u8>) {
+fn build_request(
+    spec: &RequestSpec,
+    run: &str,
+    i: usize,
+    scheduled_at: Option<&str>,
+) -> (String, String, Vec<u8>) {
     let id = format!("{run}-{i}");
     let email = is_email(spec.mix, i);
     let url = match failing(i % USERS, spec.failing_percent) {
@@ -465,6 +477,9 @@ fn build_request(spec: &RequestSpec, run: &str, i: usize) -> (String, String, Ve
         "channel": if email { "email" } else { "webhook" },
         "category": CATEGORY,
     });
+    if let Some(at) = scheduled_at {
+        r["scheduled_at"] = serde_json::json!(at);
+    }
     if spec.batch > 1 {
         r["recipients"] = serde_json::Value::Array((0..spec.batch).map(recipient).collect());
     } else {
@@ -514,15 +529,30 @@ pub async fn herald_load(
             )
         })
     };
+    // The release: when every request of a scheduled load is due.
+    let release = spec.scheduled_in.filter(|_| rate.is_none()).map(|d| {
+        let at = chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or_default();
+        (at.to_rfc3339(), Instant::now() + d)
+    });
+    let scheduled_at = release.as_ref().map(|(at, _)| at.as_str());
     let (sent, start) = produce_all(&p, &topics.requests, n, rate, |i| {
-        build_request(spec, &run, i)
+        build_request(spec, &run, i, scheduled_at)
     })
     .await?;
     let finals = tokio::task::spawn_blocking(move || reader.join())
         .await?
         .map_err(|_| anyhow::anyhow!("outcome reader panicked"))??;
     stop.store(true, Ordering::Relaxed);
-    summarize(&sent, start, finals, expected)
+    let mut r = summarize(&sent, start, finals, expected)?;
+    if let Some((_, due)) = release {
+        let last = start + r.elapsed;
+        r.released = Some(if last > due {
+            last - due
+        } else {
+            Duration::ZERO
+        });
+    }
+    Ok(r)
 }
 
 fn summarize(
@@ -567,6 +597,7 @@ fn summarize(
         sink_failing: 0,
         sink_smtp: 0,
         drained: None,
+        released: None,
         machine: None,
     })
 }
@@ -649,6 +680,7 @@ pub async fn passthrough(
         webhook_url: "http://127.0.0.1:9/".into(),
         failing_url: String::new(),
         failing_percent: 0,
+        scheduled_in: None,
     };
     let r = herald_load(brokers, &topics, &spec, n, rate).await;
     stop.store(true, Ordering::Relaxed);

@@ -62,6 +62,13 @@ pub struct BenchArgs {
     /// circuit breaker that does not open; `--set` overrides them.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub failing_percent: u8,
+    /// The max-rate runs only: every request carries `scheduled_at` this
+    /// many seconds after the load starts, so the notifications pile up as
+    /// scheduled rows and the due-work scheduler releases them together (a
+    /// morning's release of quiet-hours deferrals). Allow the time Herald
+    /// takes to store the whole load. The report adds the release rate.
+    #[arg(long, value_name = "SECS")]
+    pub scheduled_in: Option<u64>,
     /// The herald binary to run (default: target/release/herald).
     #[arg(long)]
     pub herald_bin: Option<PathBuf>,
@@ -139,6 +146,11 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
     {
         bail!("use --policy on|off|compare rather than --set HERALD_POLICY__ENABLED");
     }
+    if args.scheduled_in.is_some() && args.policy != PolicyMode::On {
+        bail!(
+            "--scheduled-in needs --policy on: with policy.enabled = false Herald sends every request at once, scheduled_at included"
+        );
+    }
     let policy = args.policy != PolicyMode::Off;
     let nginx = sinks::NginxSink::start()?;
     let smtp = sinks::SmtpSinkCounter::start()?;
@@ -204,6 +216,7 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
         &result,
         args.requests,
     );
+    report.released("herald (max rate), release", &result);
     report.process("herald process", &stats, result.notifications);
     report.machine("machine (max rate)", &result);
     report.counts("count check", &result);
@@ -218,6 +231,7 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
         let stats = run.stop().await?;
         report.herald_policy_off = Some(off.rate());
         report.result("herald (max rate, policy off)", &off);
+        report.released("herald (max rate, policy off), release", &off);
         report.process("herald process (policy off)", &stats, off.notifications);
         report.machine("machine (max rate, policy off)", &off);
         report.counts("count check (policy off)", &off);
@@ -331,6 +345,8 @@ struct HeraldRun {
     muted_percent: usize,
     /// The share of users whose webhook endpoint fails.
     failing_percent: usize,
+    /// `--scheduled-in` (max-rate loads).
+    scheduled_in: Option<Duration>,
     brokers: String,
     cpu_at_start: f64,
     admin_database_url: String,
@@ -429,6 +445,7 @@ impl HeraldRun {
             webhook_url: nginx.url("/warm"),
             failing_url: String::new(),
             failing_percent: 0,
+            scheduled_in: None,
         };
         load::warm_up(&brokers, &topics, &spec)
             .await
@@ -443,6 +460,7 @@ impl HeraldRun {
             batch: args.batch,
             muted_percent: if policy { args.muted_percent.into() } else { 0 },
             failing_percent: args.failing_percent.into(),
+            scheduled_in: args.scheduled_in.map(Duration::from_secs),
             brokers,
             cpu_at_start,
             admin_database_url: args.admin_database_url.clone(),
@@ -465,6 +483,7 @@ impl HeraldRun {
             webhook_url: nginx.url("/hook"),
             failing_url: nginx.url(sinks::FAILING_PATH),
             failing_percent: self.failing_percent,
+            scheduled_in: self.scheduled_in,
         };
         let metrics_url = format!("http://127.0.0.1:{}/metrics", self.http_port);
         let client = reqwest::Client::new();
@@ -576,7 +595,7 @@ impl Report {
             })
             .unwrap_or(0);
         let header = format!(
-            "\n## {} — commit {commit}\n\nMachine: {cores} cores, {:.0} GiB. Broker, PostgreSQL, sinks, load generator and Herald co-located.\n\nCommand: `{command_line}`\n\nMix: {:?}, template: {}, batch: {}, partitions: {}, requests: {}, policy: {:?}, muted: {}%, capped: {}%, failing: {}%\n\n",
+            "\n## {} — commit {commit}\n\nMachine: {cores} cores, {:.0} GiB. Broker, PostgreSQL, sinks, load generator and Herald co-located.\n\nCommand: `{command_line}`\n\nMix: {:?}, template: {}, batch: {}, partitions: {}, requests: {}, policy: {:?}, muted: {}%, capped: {}%, failing: {}%, scheduled in: {}\n\n",
             chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
             mem_kib as f64 / 1024.0 / 1024.0,
             args.mix,
@@ -588,6 +607,8 @@ impl Report {
             args.muted_percent,
             args.capped_percent,
             args.failing_percent,
+            args.scheduled_in
+                .map_or("-".to_string(), |s| format!("{s} s")),
         );
         Report {
             header,
@@ -635,6 +656,22 @@ impl Report {
             None => "not every request was consumed and settled".to_string(),
         };
         self.line(what, value);
+    }
+
+    /// A scheduled load (`--scheduled-in`): how fast the scheduler sent
+    /// the backlog once it was due.
+    fn released(&mut self, what: &str, r: &LoadResult) {
+        if let Some(d) = r.released {
+            self.line(
+                what,
+                format!(
+                    "{} final outcomes, the last {:.2} s after the release: {:.0} notifications/s",
+                    r.final_distinct,
+                    d.as_secs_f64(),
+                    r.final_distinct as f64 / d.as_secs_f64().max(1e-9)
+                ),
+            );
+        }
     }
 
     fn process(&mut self, what: &str, s: &ProcessStats, notifications: usize) {

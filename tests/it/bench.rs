@@ -111,10 +111,21 @@ fn the_email_bench_counts_every_message_at_the_smtp_sink() {
             "--template",
             "--requests",
             "200",
+            "--scheduled-in",
+            "3",
             "--skip-baselines",
             "--skip-fixed-rate",
         ],
     );
+    // Scheduled 3 s ahead: stored as scheduled rows, released together by
+    // the due-work scheduler.
+    let release = row(&report, "herald (max rate), release");
+    assert_eq!(release.len(), 1, "{report}");
+    assert!(
+        release[0].contains("200 final outcomes, the last"),
+        "{report}"
+    );
+    assert!(report.contains("scheduled in: 3 s"), "{report}");
     let check = row(&report, "count check");
     assert_eq!(check.len(), 1, "{report}");
     assert!(
@@ -168,6 +179,31 @@ fn the_policy_comparison_runs_with_and_without_stored_preferences() {
     }
     assert!(report.contains("policy: Compare"), "{report}");
     assert!(report.contains("failing: 2%"), "{report}");
+}
+
+#[test]
+fn scheduled_loads_need_policy_on() {
+    let bin = env!("CARGO_BIN_EXE_herald");
+    let output = Command::new(bin)
+        .args([
+            "bench",
+            "--herald-bin",
+            bin,
+            "--scheduled-in",
+            "5",
+            "--policy",
+            "off",
+        ])
+        .env("HERALD_KAFKA__BROKERS", brokers())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run herald bench");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--scheduled-in needs --policy on"),
+        "{stderr}"
+    );
 }
 
 #[test]
