@@ -157,6 +157,39 @@ pub(super) async fn distinct_rounds<J, Fut>(
     }
 }
 
+/// A job that changes one row, found by its id, in a batched statement.
+pub(super) trait KeyedJob: Send + 'static {
+    /// The statement's columns for a batch of such jobs.
+    type Rows: Default + Send;
+    /// What a job is answered when its row changed.
+    type Answer: Send + 'static;
+    fn id(&self) -> &str;
+    /// Moves the job's values into `rows`; returns its id and reply.
+    fn push(self, rows: &mut Self::Rows) -> (String, Reply<Option<Self::Answer>>);
+}
+
+/// A coalescer of [`KeyedJob`]s named `what`: `write` runs each batch as
+/// statements in which no id repeats ([`distinct_rounds`]) and returns the
+/// rows it changed; every job is answered from them ([`answer_by_id`]).
+pub(super) fn keyed_writer<J, F, Fut>(what: &'static str, pool: PgPool, write: F) -> Coalescer<J>
+where
+    J: KeyedJob,
+    F: Fn(PgPool, J::Rows) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<std::collections::HashMap<String, J::Answer>, sqlx::Error>> + Send,
+{
+    Coalescer::start(what, move |batch: Vec<J>| {
+        let (pool, write) = (pool.clone(), write.clone());
+        async move {
+            distinct_rounds(batch, J::id, |round| async {
+                let mut rows = J::Rows::default();
+                let replies: Vec<_> = round.into_iter().map(|j| j.push(&mut rows)).collect();
+                answer_by_id(replies, write(pool.clone(), rows).await, what);
+            })
+            .await
+        }
+    })
+}
+
 /// Waits for the next job, then takes whatever else is queued (up to
 /// [`MAX_BATCH`]); `None` when every sender is gone. The writers share the
 /// receiver, so one of them gathers while the others write.
@@ -215,31 +248,44 @@ pub(super) async fn finish(
 struct FinishRows {
     ids: Vec<String>,
     attempts: Vec<i32>,
-    statuses: Vec<&'static str>,
-    message_ids: Vec<Option<String>>,
-    codes: Vec<Option<String>>,
-    messages: Vec<Option<String>>,
-    retryable: Vec<Option<bool>>,
-    durations: Vec<i32>,
-    providers: Vec<String>,
+    tries: TryColumns,
     events: Vec<String>,
+}
+
+/// How tries ended, as columns of a batched statement (the finish, and the
+/// retry in `due`).
+#[derive(Default)]
+pub(super) struct TryColumns {
+    pub statuses: Vec<&'static str>,
+    pub message_ids: Vec<Option<String>>,
+    pub codes: Vec<Option<String>>,
+    pub messages: Vec<Option<String>>,
+    pub retryable: Vec<Option<bool>>,
+    pub durations: Vec<i32>,
+    pub providers: Vec<String>,
+}
+
+impl TryColumns {
+    /// Moves one try's result into the columns.
+    pub fn push(&mut self, r: AttemptResult) {
+        self.statuses.push(r.status.as_str());
+        self.message_ids.push(r.provider_message_id);
+        self.retryable.push(r.error.as_ref().map(|e| e.retryable));
+        let (code, message) = r.error.map(|e| (e.code, e.message)).unzip();
+        self.codes.push(code);
+        self.messages.push(message);
+        self.durations.push(r.duration_ms);
+        self.providers.push(r.provider);
+    }
 }
 
 fn finish_rows(batch: Vec<FinishJob>) -> (FinishRows, Vec<Reply<()>>) {
     let mut rows = FinishRows::default();
     let mut senders = Vec::with_capacity(batch.len());
     for j in batch {
-        let r = j.result;
         rows.ids.push(j.id);
         rows.attempts.push(j.attempt);
-        rows.statuses.push(r.status.as_str());
-        rows.message_ids.push(r.provider_message_id);
-        rows.retryable.push(r.error.as_ref().map(|e| e.retryable));
-        let (code, message) = r.error.map(|e| (e.code, e.message)).unzip();
-        rows.codes.push(code);
-        rows.messages.push(message);
-        rows.durations.push(r.duration_ms);
-        rows.providers.push(r.provider);
+        rows.tries.push(j.result);
         rows.events.push(j.event);
         senders.push(j.done);
     }
@@ -274,13 +320,13 @@ async fn write(pool: &PgPool, rows: FinishRows) -> Result<(), sqlx::Error> {
     )
     .bind(rows.ids)
     .bind(rows.attempts)
-    .bind(rows.statuses)
-    .bind(rows.message_ids)
-    .bind(rows.codes)
-    .bind(rows.messages)
-    .bind(rows.retryable)
-    .bind(rows.durations)
-    .bind(rows.providers)
+    .bind(rows.tries.statuses)
+    .bind(rows.tries.message_ids)
+    .bind(rows.tries.codes)
+    .bind(rows.tries.messages)
+    .bind(rows.tries.retryable)
+    .bind(rows.tries.durations)
+    .bind(rows.tries.providers)
     .bind(rows.events)
     .execute(pool)
     .await?;

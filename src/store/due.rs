@@ -12,7 +12,7 @@ use sqlx::PgPool;
 use sqlx::types::Json;
 
 use super::StoreError;
-use super::batch::{Coalescer, Reply, answer_by_id, distinct_rounds};
+use super::batch::{Coalescer, KeyedJob, Reply, TryColumns, keyed_writer};
 use super::notifications::AttemptResult;
 use crate::domain::{DeliveryStatusEvent, Notification, Status};
 
@@ -110,7 +110,9 @@ impl DueStore {
         owner: &str,
         provider: &str,
     ) -> Result<Option<i32>, StoreError> {
-        let starts = self.starts.get_or_init(|| start_writer(self.pool.clone()));
+        let starts = self
+            .starts
+            .get_or_init(|| keyed_writer("due start", self.pool.clone(), write_starts));
         starts
             .submit(|done| StartJob {
                 id: id.to_string(),
@@ -144,7 +146,7 @@ impl DueStore {
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let settles = self
             .settles
-            .get_or_init(|| settle_writer(self.pool.clone()));
+            .get_or_init(|| keyed_writer("due settle", self.pool.clone(), write_settles));
         let settled = settles
             .submit(|done| SettleJob {
                 id: id.to_string(),
@@ -178,7 +180,9 @@ impl DueStore {
         event: &DeliveryStatusEvent,
     ) -> Result<bool, StoreError> {
         let event = serde_json::to_string(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let retries = self.retries.get_or_init(|| retry_writer(self.pool.clone()));
+        let retries = self
+            .retries
+            .get_or_init(|| keyed_writer("retry", self.pool.clone(), write_retries));
         let moved = retries
             .submit(|done| RetryJob {
                 id: id.to_string(),
@@ -322,37 +326,29 @@ struct StartJob {
     done: Reply<Option<i32>>,
 }
 
-fn start_writer(pool: PgPool) -> Coalescer<StartJob> {
-    Coalescer::start("due start writer", move |batch: Vec<StartJob>| {
-        let pool = pool.clone();
-        async move {
-            distinct_rounds(
-                batch,
-                |j| &j.id,
-                |round| async {
-                    let (mut ids, mut owners, mut providers) = (vec![], vec![], vec![]);
-                    let mut replies = Vec::with_capacity(round.len());
-                    for j in round {
-                        ids.push(j.id.clone());
-                        owners.push(j.owner);
-                        providers.push(j.provider);
-                        replies.push((j.id, j.done));
-                    }
-                    let rows = write_starts(&pool, ids, owners, providers).await;
-                    answer_by_id(replies, rows, "due start");
-                },
-            )
-            .await
-        }
-    })
-}
-
-async fn write_starts(
-    pool: &PgPool,
+#[derive(Default)]
+struct StartRows {
     ids: Vec<String>,
     owners: Vec<String>,
     providers: Vec<String>,
-) -> Result<HashMap<String, i32>, sqlx::Error> {
+}
+
+impl KeyedJob for StartJob {
+    type Rows = StartRows;
+    /// The attempt started.
+    type Answer = i32;
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn push(self, rows: &mut StartRows) -> (String, Reply<Option<i32>>) {
+        rows.ids.push(self.id.clone());
+        rows.owners.push(self.owner);
+        rows.providers.push(self.provider);
+        (self.id, self.done)
+    }
+}
+
+async fn write_starts(pool: PgPool, rows: StartRows) -> Result<HashMap<String, i32>, sqlx::Error> {
     let rows: Vec<(String, i32)> = sqlx::query_as(&format!(
         r#"
         WITH input AS (
@@ -372,10 +368,10 @@ async fn write_starts(
         SELECT id, attempts FROM upd
         "#
     ))
-    .bind(ids)
-    .bind(owners)
-    .bind(providers)
-    .fetch_all(pool)
+    .bind(rows.ids)
+    .bind(rows.owners)
+    .bind(rows.providers)
+    .fetch_all(&pool)
     .await?;
     Ok(rows.into_iter().collect())
 }
@@ -395,36 +391,6 @@ struct SettleJob {
     done: Reply<Option<()>>,
 }
 
-fn settle_writer(pool: PgPool) -> Coalescer<SettleJob> {
-    Coalescer::start("due settle writer", move |batch: Vec<SettleJob>| {
-        let pool = pool.clone();
-        async move {
-            distinct_rounds(
-                batch,
-                |j| &j.id,
-                |round| async {
-                    let mut cols = SettleRows::default();
-                    let mut replies = Vec::with_capacity(round.len());
-                    for j in round {
-                        cols.ids.push(j.id.clone());
-                        cols.owners.push(j.owner);
-                        cols.statuses.push(j.status);
-                        cols.next.push(j.next_attempt_at);
-                        cols.events.push(j.last_event);
-                        cols.codes.push(j.error_code);
-                        cols.messages.push(j.error_message);
-                        cols.retries.push(j.retries);
-                        replies.push((j.id, j.done));
-                    }
-                    let rows = write_settles(&pool, cols).await;
-                    answer_by_id(replies, rows, "due settle");
-                },
-            )
-            .await
-        }
-    })
-}
-
 #[derive(Default)]
 struct SettleRows {
     ids: Vec<String>,
@@ -437,10 +403,26 @@ struct SettleRows {
     retries: Vec<Option<i32>>,
 }
 
-async fn write_settles(
-    pool: &PgPool,
-    rows: SettleRows,
-) -> Result<HashMap<String, ()>, sqlx::Error> {
+impl KeyedJob for SettleJob {
+    type Rows = SettleRows;
+    type Answer = ();
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn push(self, rows: &mut SettleRows) -> (String, Reply<Option<()>>) {
+        rows.ids.push(self.id.clone());
+        rows.owners.push(self.owner);
+        rows.statuses.push(self.status);
+        rows.next.push(self.next_attempt_at);
+        rows.events.push(self.last_event);
+        rows.codes.push(self.error_code);
+        rows.messages.push(self.error_message);
+        rows.retries.push(self.retries);
+        (self.id, self.done)
+    }
+}
+
+async fn write_settles(pool: PgPool, rows: SettleRows) -> Result<HashMap<String, ()>, sqlx::Error> {
     let ids: Vec<String> = sqlx::query_scalar(&format!(
         r#"
         WITH input AS (
@@ -469,7 +451,7 @@ async fn write_settles(
     .bind(rows.codes)
     .bind(rows.messages)
     .bind(rows.retries)
-    .fetch_all(pool)
+    .fetch_all(&pool)
     .await?;
     Ok(ids.into_iter().map(|id| (id, ())).collect())
 }
@@ -485,66 +467,44 @@ struct RetryJob {
     done: Reply<Option<()>>,
 }
 
-fn retry_writer(pool: PgPool) -> Coalescer<RetryJob> {
-    Coalescer::start("due retry writer", move |batch: Vec<RetryJob>| {
-        let pool = pool.clone();
-        async move {
-            distinct_rounds(
-                batch,
-                |j| &j.id,
-                |round| async {
-                    let mut cols = RetryRows::default();
-                    let mut replies = Vec::with_capacity(round.len());
-                    for j in round {
-                        let r = j.result;
-                        cols.ids.push(j.id.clone());
-                        cols.attempts.push(j.attempt);
-                        cols.statuses.push(r.status.as_str());
-                        cols.retryable.push(r.error.as_ref().map(|e| e.retryable));
-                        let (code, message) = r.error.map(|e| (e.code, e.message)).unzip();
-                        cols.codes.push(code);
-                        cols.messages.push(message);
-                        cols.durations.push(r.duration_ms);
-                        cols.providers.push(r.provider);
-                        cols.next.push(j.next_attempt_at);
-                        cols.events.push(j.event);
-                        replies.push((j.id, j.done));
-                    }
-                    let rows = write_retries(&pool, cols).await;
-                    answer_by_id(replies, rows, "retry");
-                },
-            )
-            .await
-        }
-    })
-}
-
 #[derive(Default)]
 struct RetryRows {
     ids: Vec<String>,
     attempts: Vec<i32>,
-    statuses: Vec<&'static str>,
-    codes: Vec<Option<String>>,
-    messages: Vec<Option<String>>,
-    retryable: Vec<Option<bool>>,
-    durations: Vec<i32>,
-    providers: Vec<String>,
+    tries: TryColumns,
     next: Vec<DateTime<Utc>>,
     events: Vec<String>,
 }
 
-async fn write_retries(pool: &PgPool, rows: RetryRows) -> Result<HashMap<String, ()>, sqlx::Error> {
+impl KeyedJob for RetryJob {
+    type Rows = RetryRows;
+    type Answer = ();
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn push(self, rows: &mut RetryRows) -> (String, Reply<Option<()>>) {
+        rows.ids.push(self.id.clone());
+        rows.attempts.push(self.attempt);
+        rows.tries.push(self.result);
+        rows.next.push(self.next_attempt_at);
+        rows.events.push(self.event);
+        (self.id, self.done)
+    }
+}
+
+async fn write_retries(pool: PgPool, rows: RetryRows) -> Result<HashMap<String, ()>, sqlx::Error> {
     let ids: Vec<String> = sqlx::query_scalar(
         r#"
         WITH input AS (
             SELECT * FROM UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::text[],
-                                 $6::bool[], $7::int4[], $8::text[], $9::timestamptz[],
-                                 $10::text[])
-                AS t(id, attempt, status, error_code, error_message, retryable, duration_ms,
-                     provider, next_attempt_at, last_event)
+                                 $6::text[], $7::bool[], $8::int4[], $9::text[],
+                                 $10::timestamptz[], $11::text[])
+                AS t(id, attempt, status, provider_message_id, error_code, error_message,
+                     retryable, duration_ms, provider, next_attempt_at, last_event)
         ), attempt AS (
             UPDATE delivery_attempts d
-            SET status = i.status, error_code = i.error_code, error_message = i.error_message,
+            SET status = i.status, provider_message_id = i.provider_message_id,
+                error_code = i.error_code, error_message = i.error_message,
                 retryable = i.retryable, finished_at = now(), duration_ms = i.duration_ms
             FROM input i
             WHERE d.notification_id = i.id AND d.attempt = i.attempt
@@ -561,15 +521,16 @@ async fn write_retries(pool: &PgPool, rows: RetryRows) -> Result<HashMap<String,
     )
     .bind(rows.ids)
     .bind(rows.attempts)
-    .bind(rows.statuses)
-    .bind(rows.codes)
-    .bind(rows.messages)
-    .bind(rows.retryable)
-    .bind(rows.durations)
-    .bind(rows.providers)
+    .bind(rows.tries.statuses)
+    .bind(rows.tries.message_ids)
+    .bind(rows.tries.codes)
+    .bind(rows.tries.messages)
+    .bind(rows.tries.retryable)
+    .bind(rows.tries.durations)
+    .bind(rows.tries.providers)
     .bind(rows.next)
     .bind(rows.events)
-    .fetch_all(pool)
+    .fetch_all(&pool)
     .await?;
     Ok(ids.into_iter().map(|id| (id, ())).collect())
 }
@@ -583,19 +544,9 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::domain::{ErrorInfo, decode_request};
+    use crate::domain::ErrorInfo;
     use crate::store::NotificationStore;
-
-    fn notification(id: &str) -> Notification {
-        let raw = format!(
-            r#"{{"id":"{id}","channel":"webhook","recipient":{{"url":"https://example.com/h"}},"content":{{"text":"hi"}}}}"#
-        );
-        decode_request(raw.as_bytes(), 1 << 20)
-            .unwrap()
-            .into_notifications()
-            .next()
-            .unwrap()
-    }
+    use crate::store::test_notification as notification;
 
     fn failed_try() -> AttemptResult {
         AttemptResult {

@@ -113,6 +113,19 @@ pub(crate) async fn test_pool() -> PgPool {
     pool
 }
 
+/// A webhook notification with id `id`, for store tests.
+#[cfg(test)]
+pub(crate) fn test_notification(id: &str) -> crate::domain::Notification {
+    let raw = format!(
+        r#"{{"id":"{id}","channel":"webhook","recipient":{{"url":"https://example.com/h"}},"content":{{"text":"hi"}}}}"#
+    );
+    crate::domain::decode_request(raw.as_bytes(), 1 << 20)
+        .unwrap()
+        .into_notifications()
+        .next()
+        .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -335,18 +335,7 @@ impl NotificationStore {
 mod tests {
 
     use super::*;
-    use crate::domain::decode_request;
-
-    fn notification(id: &str) -> Notification {
-        let raw = format!(
-            r#"{{"id":"{id}","channel":"webhook","recipient":{{"url":"https://example.com/h"}},"content":{{"text":"hi"}}}}"#
-        );
-        decode_request(raw.as_bytes(), 1 << 20)
-            .unwrap()
-            .into_notifications()
-            .next()
-            .unwrap()
-    }
+    use crate::store::test_notification as notification;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_claims_of_one_id_in_one_batch_have_one_owner() {

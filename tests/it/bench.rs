@@ -181,25 +181,23 @@ fn the_policy_comparison_runs_with_and_without_stored_preferences() {
     assert!(report.contains("failing: 2%"), "{report}");
 }
 
-#[test]
-fn scheduled_loads_need_policy_on() {
+/// Runs `herald bench ARGS`, which must refuse them; returns its stderr.
+fn refused(args: &[&str]) -> String {
     let bin = env!("CARGO_BIN_EXE_herald");
     let output = Command::new(bin)
-        .args([
-            "bench",
-            "--herald-bin",
-            bin,
-            "--scheduled-in",
-            "5",
-            "--policy",
-            "off",
-        ])
+        .args(["bench", "--herald-bin", bin])
+        .args(args)
         .env("HERALD_KAFKA__BROKERS", brokers())
         .stdin(Stdio::null())
         .output()
         .expect("run herald bench");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "herald bench {args:?} ran");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn scheduled_loads_need_policy_on() {
+    let stderr = refused(&["--scheduled-in", "5", "--policy", "off"]);
     assert!(
         stderr.contains("--scheduled-in needs --policy on"),
         "{stderr}"
@@ -208,20 +206,6 @@ fn scheduled_loads_need_policy_on() {
 
 #[test]
 fn policy_cannot_also_be_set_through_set() {
-    let bin = env!("CARGO_BIN_EXE_herald");
-    let output = Command::new(bin)
-        .args([
-            "bench",
-            "--herald-bin",
-            bin,
-            "--set",
-            "HERALD_POLICY__ENABLED=false",
-        ])
-        .env("HERALD_KAFKA__BROKERS", brokers())
-        .stdin(Stdio::null())
-        .output()
-        .expect("run herald bench");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused(&["--set", "HERALD_POLICY__ENABLED=false"]);
     assert!(stderr.contains("use --policy"), "{stderr}");
 }
