@@ -193,9 +193,10 @@ pub struct PolicySettings {
     pub frequency_cap_drop_categories: Vec<String>,
     /// Categories sent only to recipients who opted in explicitly.
     pub opt_in_required_categories: Vec<String>,
-    /// How often an idle scheduler looks for due rows, in milliseconds.
+    /// How long the scheduler sleeps after a claim that found less than a
+    /// full batch due, in milliseconds.
     pub scheduler_interval_ms: u64,
-    /// Due rows claimed per scheduler round.
+    /// Due rows claimed at a time (up to four batches are in flight).
     pub scheduler_batch_size: i64,
     /// How long a claimed due row belongs to its instance before another
     /// may take it (a crashed instance's claims come back after this).
