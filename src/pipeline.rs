@@ -445,17 +445,17 @@ impl Pipeline {
         }
     }
 
-    /// Opens the next try of `n` (attempt `current` failed retryably with
-    /// `failed`, whose row in the delivery log is written first) with
-    /// `provider`.
+    /// Opens the next try of `n` with `provider`. Attempt `current` failed
+    /// retryably with `failed`, whose row in the delivery log is written
+    /// first.
     async fn open_next(
         &self,
         n: &Notification,
         current: i32,
         provider: &str,
-        failed: Option<(AttemptResult, SendError, Duration)>,
+        failed: Option<AttemptResult>,
     ) -> Result<Opened, PipelineError> {
-        if let Some((r, _, _)) = failed {
+        if let Some(r) = failed {
             self.store.finish_try(&n.id, current, &r).await?;
         }
         match self.store.next_try(&n.id, current, provider).await? {
@@ -513,7 +513,10 @@ impl Pipeline {
             }
             let opened = match attempt {
                 None => self.open_first(n, &start, name).await,
-                Some(current) => self.open_next(n, current, name, last.take()).await,
+                Some(current) => {
+                    let failed = last.take().map(|(r, _, _)| r);
+                    self.open_next(n, current, name, failed).await
+                }
             };
             let a = match opened {
                 Ok(Opened::Attempt(a)) => a,
@@ -613,7 +616,7 @@ impl Pipeline {
                         event.reason = Some(error.code.clone());
                         event.error = Some(error);
                         event.next_attempt_at = Some(until);
-                        if due.retry_later(&n.id, a, &last_try, until, &event).await? {
+                        if due.retry_later(&n.id, a, last_try, until, &event).await? {
                             rm.retries.with_label_values(&[channel]).inc();
                             self.publish(&event, Some(n)).await?;
                         }

@@ -510,6 +510,50 @@ async fn write_claims(
 mod tests {
     use super::*;
 
+    /// The same id twice in one statement would be written once and
+    /// answered twice: repeats go in later statements, in order.
+    #[tokio::test]
+    async fn repeated_ids_are_written_in_later_rounds_in_order() {
+        let mut rounds: Vec<Vec<(&str, u8)>> = Vec::new();
+        let batch = vec![("a", 1), ("b", 2), ("a", 3), ("c", 4), ("a", 5)];
+        distinct_rounds(
+            batch,
+            |j: &(&str, u8)| j.0,
+            |round| {
+                rounds.push(round);
+                async {}
+            },
+        )
+        .await;
+        assert_eq!(
+            rounds,
+            vec![
+                vec![("a", 1), ("b", 2), ("c", 4)],
+                vec![("a", 3)],
+                vec![("a", 5)]
+            ]
+        );
+    }
+
+    /// A job is answered with its own id's row, and `None` when the
+    /// statement did not change its row.
+    #[tokio::test]
+    async fn jobs_are_answered_by_their_own_id() {
+        let (a, ra) = oneshot::channel();
+        let (b, rb) = oneshot::channel();
+        let (c, rc) = oneshot::channel();
+        let replies = vec![
+            ("a".to_string(), a),
+            ("b".to_string(), b),
+            ("c".to_string(), c),
+        ];
+        let rows = std::collections::HashMap::from([("c".to_string(), 3), ("a".to_string(), 1)]);
+        answer_by_id(replies, Ok(rows), "test");
+        assert_eq!(ra.await.unwrap().unwrap(), Some(1));
+        assert_eq!(rb.await.unwrap().unwrap(), None);
+        assert_eq!(rc.await.unwrap().unwrap(), Some(3));
+    }
+
     #[tokio::test]
     async fn a_failed_batch_is_a_database_error_for_every_job() {
         let (a, ra) = oneshot::channel::<Result<(), StoreError>>();

@@ -162,7 +162,7 @@ impl DueStore {
         &self,
         id: &str,
         attempt: i32,
-        last_try: &AttemptResult,
+        last_try: AttemptResult,
         next_attempt_at: DateTime<Utc>,
         event: &DeliveryStatusEvent,
     ) -> Result<bool, StoreError> {
@@ -174,7 +174,7 @@ impl DueStore {
             .submit(|done| RetryJob {
                 id: id.to_string(),
                 attempt,
-                result: last_try.clone(),
+                result: last_try,
                 next_attempt_at,
                 event,
                 done,
@@ -611,6 +611,106 @@ mod tests {
         assert!(!plan.contains("Sort"), "{plan}");
     }
 
+    /// Each batched statement answers every row of one statement by id,
+    /// including rows it must not change. (The concurrent test below goes
+    /// through the coalescers, which may split calls into statements of
+    /// one; this one writes several rows in one statement.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_statement_of_many_rows_answers_each_row_by_id() {
+        let pool = crate::store::test_pool().await;
+        let store = NotificationStore::new(pool.clone(), Duration::from_secs(60));
+        let due = DueStore::new(pool.clone());
+        let past = Utc::now() - chrono::Duration::seconds(5);
+        let later = Utc::now() + chrono::Duration::hours(1);
+        let ns: Vec<Notification> = (0..6).map(|i| notification(&format!("m-{i}"))).collect();
+        for n in &ns {
+            let event = DeliveryStatusEvent::for_notification(n, Status::Deferred, 0);
+            store
+                .claim_decided(n, Status::Deferred, Some(past), &event)
+                .await
+                .unwrap();
+        }
+        let claimed = due
+            .claim_batch("a", 100, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 6);
+        let ids = |r: std::ops::Range<usize>| -> Vec<String> {
+            ns[r].iter().map(|n| n.id.clone()).collect()
+        };
+        let owners = |o: &[&str]| -> Vec<String> { o.iter().map(|s| s.to_string()).collect() };
+
+        // Starts: m-0 and m-1 held by "a"; m-2 asked for by "b".
+        let rows = StartRows {
+            ids: ids(0..3),
+            owners: owners(&["a", "a", "b"]),
+            providers: vec!["webhook".into(); 3],
+        };
+        let started = write_starts(pool.clone(), rows).await.unwrap();
+        let want = HashMap::from([("m-0".to_string(), 1), ("m-1".to_string(), 1)]);
+        assert_eq!(started, want);
+
+        // Settles: m-3 and m-4 held by "a" (m-3 with a retry count), m-5
+        // asked for by "b".
+        let rows = SettleRows {
+            ids: ids(3..6),
+            owners: owners(&["a", "a", "b"]),
+            statuses: vec!["deferred"; 3],
+            next: vec![Some(later); 3],
+            events: vec![None; 3],
+            codes: vec![None; 3],
+            messages: vec![None; 3],
+            retries: vec![Some(4), None, Some(9)],
+        };
+        let settled = write_settles(pool.clone(), rows).await.unwrap();
+        let mut settled: Vec<String> = settled.into_keys().collect();
+        settled.sort();
+        assert_eq!(settled, ["m-3", "m-4"]);
+
+        // Retries: m-0 at its current attempt (1), m-1 at a stale one (2).
+        let mut tries = TryColumns::default();
+        tries.push(failed_try());
+        tries.push(failed_try());
+        let events = ns[..2]
+            .iter()
+            .map(|n| {
+                let e = DeliveryStatusEvent::for_notification(n, Status::Retrying, 1);
+                serde_json::to_string(&e).unwrap()
+            })
+            .collect();
+        let rows = RetryRows {
+            ids: ids(0..2),
+            attempts: vec![1, 2],
+            tries,
+            next: vec![later; 2],
+            events,
+        };
+        let moved = write_retries(pool.clone(), rows).await.unwrap();
+        assert_eq!(moved.into_keys().collect::<Vec<_>>(), ["m-0"]);
+
+        let rows: Vec<(String, String, i32, Option<String>)> = sqlx::query_as(
+            "SELECT id, status, retries, lease_owner FROM notifications ORDER BY id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let rows: Vec<(&str, &str, i32, Option<&str>)> = rows
+            .iter()
+            .map(|(id, s, r, o)| (id.as_str(), s.as_str(), *r, o.as_deref()))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("m-0", "retrying", 1, None),
+                ("m-1", "sending", 0, None),
+                ("m-2", "deferred", 0, Some("a")),
+                ("m-3", "deferred", 4, None),
+                ("m-4", "deferred", 0, None),
+                ("m-5", "deferred", 0, Some("a")),
+            ]
+        );
+    }
+
     /// Concurrent transitions of claimed rows share statements; each call
     /// must still get its own answer: a start for a row this owner does not
     /// hold gets none, the same row started twice at once is started once,
@@ -678,7 +778,7 @@ mod tests {
         let events: Vec<DeliveryStatusEvent> = ns[..10].iter().map(retry_event).collect();
         let retries = ns[..10].iter().zip(&events).enumerate().map(|(i, (n, e))| {
             let attempt = if i == 9 { 2 } else { 1 };
-            due.retry_later(&n.id, attempt, &r, later, e)
+            due.retry_later(&n.id, attempt, r.clone(), later, e)
         });
         let moved: Vec<bool> = futures::future::join_all(retries)
             .await
