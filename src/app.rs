@@ -113,20 +113,18 @@ impl App {
             renderer,
             router.clone(),
             Arc::new(publisher.clone()) as Arc<dyn OutcomePublisher>,
+            due.clone(),
             metrics.clone(),
-            settings.pipeline.max_request_bytes,
-            settings.pipeline.max_concurrent_deliveries,
+            &settings.pipeline,
         );
         let policy = Arc::new(Policy::new(
             PreferenceStore::new(pool.clone()),
             settings.policy.clone(),
             Arc::new(SystemClock),
         ));
-        pipeline = if settings.policy.enabled {
-            pipeline.with_policy(policy.clone(), due.clone())
-        } else {
-            pipeline.with_due(due.clone())
-        };
+        if settings.policy.enabled {
+            pipeline = pipeline.with_policy(policy.clone());
+        }
         let pipeline = Arc::new(pipeline);
         let scheduler = Scheduler::new(
             due,

@@ -178,8 +178,9 @@ pub struct PipelineSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicySettings {
-    /// Apply preferences, quiet hours, caps and schedules (false: send
-    /// everything at once, as without policy).
+    /// Apply recipient policy: stored preferences, suppression, quiet hours
+    /// and frequency caps (false: none of them). A request's own
+    /// `scheduled_at` and `expires_at` hold either way.
     pub enabled: bool,
     /// How long cached preferences are trusted when no update event says
     /// otherwise (writes by other processes, e.g. `herald prefs set`).

@@ -16,11 +16,13 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 
 use crate::channels::{SendError, SendReceipt};
+use crate::config::PipelineSettings;
 use crate::domain::{
     CancelRequest, DecodeError, Decoded, DeliveryStatusEvent, ErrorInfo, Notification, Status,
     decode_message, text,
 };
 use crate::kafka::{OutcomePublisher, PublishError, SourceMessage};
+use crate::policy::decide::decide_unmanaged;
 use crate::policy::{Decision, Evaluation, Policy};
 use crate::render::{RenderedContent, Renderer};
 use crate::routing::limiter::WouldWait;
@@ -76,10 +78,11 @@ pub struct Pipeline {
     /// Turns to deliver a notification (`pipeline.max_concurrent_deliveries`),
     /// taken before a notification is made from its request.
     deliveries: Arc<tokio::sync::Semaphore>,
-    /// Recipient policy; `None`: every notification is sent at once.
+    /// Recipient policy; `None`: only the request's own `scheduled_at` and
+    /// `expires_at` hold (see [`decide_unmanaged`]).
     policy: Option<Arc<Policy>>,
-    /// Due rows (policy holds, cancels, scheduler firing); `None`: no due work.
-    due: Option<DueStore>,
+    /// Due rows: held notifications, retries, cancels, scheduler firing.
+    due: DueStore,
 }
 
 impl Pipeline {
@@ -88,9 +91,9 @@ impl Pipeline {
         renderer: Arc<dyn Renderer>,
         router: Arc<Router>,
         publisher: Arc<dyn OutcomePublisher>,
+        due: DueStore,
         metrics: Metrics,
-        max_request_bytes: usize,
-        max_concurrent_deliveries: usize,
+        settings: &PipelineSettings,
     ) -> Self {
         Pipeline {
             store,
@@ -98,26 +101,18 @@ impl Pipeline {
             router,
             publisher,
             metrics,
-            max_request_bytes,
+            max_request_bytes: settings.max_request_bytes,
             deliveries: Arc::new(tokio::sync::Semaphore::new(
-                max_concurrent_deliveries.max(1),
+                settings.max_concurrent_deliveries.max(1),
             )),
             policy: None,
-            due: None,
+            due,
         }
     }
 
-    /// Applies `policy` before every send and keeps held notifications as
-    /// due rows in `due`.
-    pub fn with_policy(mut self, policy: Arc<Policy>, due: DueStore) -> Self {
+    /// Applies `policy` before every send (held notifications wait as due rows).
+    pub fn with_policy(mut self, policy: Arc<Policy>) -> Self {
         self.policy = Some(policy);
-        self.due = Some(due);
-        self
-    }
-
-    /// Due rows without a policy (fires rows written by others, e.g. retries).
-    pub fn with_due(mut self, due: DueStore) -> Self {
-        self.due = Some(due);
         self
     }
 
@@ -181,10 +176,8 @@ impl Pipeline {
     /// publishes a `cancelled` outcome for each (again, unchanged, when the
     /// cancel request is redelivered).
     async fn cancel(&self, c: &CancelRequest) -> Result<(), PipelineError> {
-        let Some(due) = &self.due else {
-            return Ok(());
-        };
-        let events = due
+        let events = self
+            .due
             .cancel(
                 &c.id,
                 c.cancels.as_deref(),
@@ -240,17 +233,13 @@ impl Pipeline {
     /// sent is claimed directly with that status and its outcome published;
     /// nothing is sent.
     pub async fn deliver(&self, mut n: Notification) -> Result<(), PipelineError> {
-        if let Some(policy) = &self.policy {
-            let decision = policy.evaluate(&mut n).await?;
-            self.count_decision(&decision);
-            match decision {
-                Evaluation::Decided(Decision::SendNow) => {}
-                Evaluation::NoAddress => {
-                    let provider = provider_name(&self.router.candidates(&n));
-                    return self.claim_failed(&n, &provider, no_address_error()).await;
-                }
-                Evaluation::Decided(d) => return self.hold(n, d).await,
+        match self.evaluate(&mut n).await? {
+            Evaluation::Decided(Decision::SendNow) => {}
+            Evaluation::NoAddress => {
+                let provider = provider_name(&self.router.candidates(&n));
+                return self.claim_failed(&n, &provider, no_address_error()).await;
             }
+            Evaluation::Decided(d) => return self.hold(n, d).await,
         }
         let candidates = self.router.candidates(&n);
         let content = match self.prepare(&n, &candidates) {
@@ -268,15 +257,8 @@ impl Pipeline {
     /// send → persist → publish path as a fresh request, or waits again, or
     /// drops it. A row `owner` no longer holds (cancelled meanwhile) is left alone.
     pub async fn fire_due(&self, row: DueRow, owner: &str) -> Result<(), PipelineError> {
-        let Some(due) = &self.due else {
-            return Ok(());
-        };
         let mut n = row.notification;
-        let decision = match &self.policy {
-            Some(policy) => policy.evaluate(&mut n).await?,
-            None => Evaluation::Decided(Decision::SendNow),
-        };
-        self.count_decision(&decision);
+        let decision = self.evaluate(&mut n).await?;
         let attempts = u32::try_from(row.attempts).unwrap_or(0);
         let (status, until, reason, error) = match decision {
             Evaluation::Decided(Decision::SendNow) => {
@@ -315,7 +297,8 @@ impl Pipeline {
         // little ahead of ours) is no status change: publish nothing.
         let unchanged = status == row.status && until == row.next_attempt_at;
         let stored = (!unchanged).then_some(&event);
-        if due
+        if self
+            .due
             .settle(&n.id, owner, status, until, stored, None)
             .await?
             && !unchanged
@@ -369,9 +352,6 @@ impl Pipeline {
     /// Claims `n` with the policy's waiting or final status (nothing is
     /// sent) and publishes the outcome.
     async fn hold(&self, n: Notification, decision: Decision) -> Result<(), PipelineError> {
-        if self.due.is_none() {
-            return Ok(());
-        }
         let (status, until, reason) = match decision {
             Decision::SendNow => return Ok(()),
             Decision::Defer {
@@ -388,6 +368,21 @@ impl Pipeline {
             Claim::New { .. } => self.publish(&event, Some(&n)).await,
             existing => self.already_handled(&n, existing).await,
         }
+    }
+
+    /// What happens to `n` now: the policy's decision, or without a policy
+    /// only the request's own schedule and expiry. Counted as a policy
+    /// decision unless it is an unmanaged send.
+    async fn evaluate(&self, n: &mut Notification) -> Result<Evaluation, PipelineError> {
+        let decision = match &self.policy {
+            Some(policy) => policy.evaluate(n).await?,
+            None => match decide_unmanaged(n, chrono::Utc::now()) {
+                Decision::SendNow => return Ok(Evaluation::Decided(Decision::SendNow)),
+                d => Evaluation::Decided(d),
+            },
+        };
+        self.count_decision(&decision);
+        Ok(decision)
     }
 
     fn count_decision(&self, e: &Evaluation) {
@@ -433,14 +428,13 @@ impl Pipeline {
                 existing => Ok(Opened::Done(self.already_handled(n, existing).await)),
             },
             Start::Due { owner, .. } => {
-                let Some(due) = &self.due else {
-                    return Ok(Opened::Done(Ok(())));
-                };
-                Ok(match due.start_attempt(&n.id, owner, provider).await? {
-                    Some(a) => Opened::Attempt(a),
-                    // Cancelled meanwhile, or the lease was lost.
-                    None => Opened::Done(Ok(())),
-                })
+                Ok(
+                    match self.due.start_attempt(&n.id, owner, provider).await? {
+                        Some(a) => Opened::Attempt(a),
+                        // Cancelled meanwhile, or the lease was lost.
+                        None => Opened::Done(Ok(())),
+                    },
+                )
             }
         }
     }
@@ -604,8 +598,8 @@ impl Pipeline {
                     .retry_delay(&primary.spec, retry, retry_after)
                     // A provider that was only rate-limited is free no sooner.
                     .map(|d| limited.map_or(d, |l| d.max(l)));
-                match (delay, &self.due) {
-                    (Some(d), Some(due)) => {
+                match delay {
+                    Some(d) => {
                         let until = chrono::Utc::now()
                             + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
                         let error = error_info(&e);
@@ -616,13 +610,17 @@ impl Pipeline {
                         event.reason = Some(error.code.clone());
                         event.error = Some(error);
                         event.next_attempt_at = Some(until);
-                        if due.retry_later(&n.id, a, last_try, until, &event).await? {
+                        if self
+                            .due
+                            .retry_later(&n.id, a, last_try, until, &event)
+                            .await?
+                        {
                             rm.retries.with_label_values(&[channel]).inc();
                             self.publish(&event, Some(n)).await?;
                         }
                         Ok(())
                     }
-                    _ => {
+                    None => {
                         rm.retries_exhausted.with_label_values(&[channel]).inc();
                         self.finish(n, a, &last_try.provider, Err(e), elapsed).await
                     }
@@ -632,7 +630,7 @@ impl Pipeline {
                 // Only rate limits stood in the way: wait for a token as a
                 // due row (not a retry: nothing failed).
                 Some(wait) => {
-                    self.wait_for_provider(n, &start, Status::Throttled, wait, retries, candidates)
+                    self.wait_for_provider(n, &start, Status::Throttled, wait, retries)
                         .await
                 }
                 // Every circuit is open: a failed round without a call.
@@ -655,7 +653,6 @@ impl Pipeline {
                                 Status::Retrying,
                                 d.max(reopen),
                                 retries + 1,
-                                candidates,
                             )
                             .await
                         }
@@ -692,7 +689,6 @@ impl Pipeline {
         status: Status,
         wait: Duration,
         retries: i32,
-        candidates: &[Arc<Provider>],
     ) -> Result<(), PipelineError> {
         let error = match status {
             Status::Throttled => None,
@@ -701,16 +697,6 @@ impl Pipeline {
         let reason = match status {
             Status::Throttled => "provider_rate_limit",
             _ => "circuit_open",
-        };
-        let Some(due) = &self.due else {
-            // Without due work nothing can wait: fail rather than lose it.
-            let provider = provider_name(candidates);
-            let error = error.unwrap_or(ErrorInfo {
-                code: reason.to_string(),
-                message: "no provider can take the notification now".into(),
-                retryable: true,
-            });
-            return self.claim_failed(n, &provider, error).await;
         };
         let until = chrono::Utc::now()
             + chrono::Duration::from_std(wait.max(Duration::from_millis(10)))
@@ -736,12 +722,14 @@ impl Pipeline {
                 owner,
                 status: before,
             } if *before == Status::Throttled && status == Status::Throttled => {
-                due.settle(&n.id, owner, status, Some(until), None, None)
+                self.due
+                    .settle(&n.id, owner, status, Some(until), None, None)
                     .await?;
                 false
             }
             Start::Due { owner, .. } => {
-                due.settle(&n.id, owner, status, Some(until), Some(&event), counted)
+                self.due
+                    .settle(&n.id, owner, status, Some(until), Some(&event), counted)
                     .await?
             }
         };
@@ -761,14 +749,12 @@ impl Pipeline {
         until: Option<chrono::DateTime<chrono::Utc>>,
         error: ErrorInfo,
     ) -> Result<(), PipelineError> {
-        let Some(due) = &self.due else {
-            return Ok(());
-        };
         let mut event = DeliveryStatusEvent::for_notification(n, status, 0);
         event.reason = Some(error.code.clone());
         event.error = Some(error);
         event.next_attempt_at = until;
-        if due
+        if self
+            .due
             .settle(&n.id, owner, status, until, Some(&event), None)
             .await?
         {

@@ -60,6 +60,37 @@ fn in_list(list: &[String], category: Option<&str>) -> bool {
     category.is_some_and(|c| list.iter().any(|x| x == c))
 }
 
+/// `n` has expired at `now`: it is never sent.
+fn expired(n: &Notification, now: DateTime<Utc>) -> Option<Decision> {
+    n.expires_at
+        .is_some_and(|e| e <= now)
+        .then_some(Decision::Drop {
+            status: Status::Expired,
+            reason: reason::EXPIRED,
+        })
+}
+
+/// `n` is scheduled after `now`: it waits until then.
+fn scheduled(n: &Notification, now: DateTime<Utc>) -> Option<Decision> {
+    n.scheduled_at
+        .filter(|at| *at > now)
+        .map(|until| Decision::Defer {
+            status: Status::Scheduled,
+            until,
+            reason: reason::SCHEDULED,
+        })
+}
+
+/// What happens to `n` at `now` without recipient policy
+/// (`policy.enabled = false`): the request's own `expires_at` and
+/// `scheduled_at` still hold, as they are part of the request, not of the
+/// recipient's preferences.
+pub fn decide_unmanaged(n: &Notification, now: DateTime<Utc>) -> Decision {
+    expired(n, now)
+        .or_else(|| scheduled(n, now))
+        .unwrap_or(Decision::SendNow)
+}
+
 /// Decides what happens to `n` at `now`. See the module docs for the order.
 pub fn decide(
     n: &Notification,
@@ -70,8 +101,8 @@ pub fn decide(
 ) -> Decision {
     let category = n.category.as_deref();
     let drop = |status, reason| Decision::Drop { status, reason };
-    if n.expires_at.is_some_and(|e| e <= now) {
-        return drop(Status::Expired, reason::EXPIRED);
+    if let Some(d) = expired(n, now) {
+        return d;
     }
     if !prefs.enabled {
         return drop(Status::Suppressed, reason::CHANNEL_DISABLED);
@@ -86,12 +117,8 @@ pub fn decide(
     if prefs.address_suppressed {
         return drop(Status::Suppressed, reason::SUPPRESSED_ADDRESS);
     }
-    if let Some(at) = n.scheduled_at.filter(|s| *s > now) {
-        return Decision::Defer {
-            status: Status::Scheduled,
-            until: at,
-            reason: reason::SCHEDULED,
-        };
+    if let Some(d) = scheduled(n, now) {
+        return d;
     }
     let bypass_quiet = n.priority == Priority::Urgent
         || in_list(&settings.quiet_hours_bypass_categories, category);
@@ -172,6 +199,40 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn without_policy_only_the_request_s_own_schedule_and_expiry_hold() {
+        let now = utc("2026-01-15T12:00:00Z");
+        let mut n = notification();
+        assert_eq!(decide_unmanaged(&n, now), Decision::SendNow);
+        n.scheduled_at = Some(now);
+        assert_eq!(decide_unmanaged(&n, now), Decision::SendNow, "due now");
+        let later = now + Duration::minutes(5);
+        n.scheduled_at = Some(later);
+        assert_eq!(
+            decide_unmanaged(&n, now),
+            Decision::Defer {
+                status: Status::Scheduled,
+                until: later,
+                reason: reason::SCHEDULED
+            }
+        );
+        // Expiry comes first, even before the scheduled time.
+        n.expires_at = Some(now);
+        assert_eq!(decide_unmanaged(&n, now).labels(), ("expired", "expired"));
+        n.expires_at = Some(now + Duration::minutes(10));
+        assert_eq!(
+            decide_unmanaged(&n, now).labels(),
+            ("scheduled", "scheduled")
+        );
+        assert_eq!(decide_unmanaged(&n, later), Decision::SendNow);
+        // Urgent changes nothing here: a schedule is not quiet hours.
+        n.priority = Priority::Urgent;
+        assert_eq!(
+            decide_unmanaged(&n, now).labels(),
+            ("scheduled", "scheduled")
+        );
     }
 
     #[test]

@@ -356,6 +356,84 @@ async fn scheduled_is_sent_after_its_time_and_expiry_while_deferred_sends_nothin
     app.stop().await;
 }
 
+/// `scheduled_at` and `expires_at` are the request's own, not recipient
+/// policy: with `policy.enabled = false` a scheduled request still waits
+/// for its time, and an expired one (on arrival, or while it waits) is
+/// never sent. Stored preferences, by contrast, are not consulted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_policy_the_request_s_own_schedule_and_expiry_still_hold() {
+    let env = TestEnv::new(2).await;
+    let sink = HttpSink::start().await;
+    let store = PreferenceStore::new(env.pool().await);
+    let mut muted = prefs("acme", "u-off");
+    muted.enabled = Some(false);
+    store.upsert(&muted).await.expect("upsert");
+    let app = RunningApp::start(env.settings(&[("HERALD_POLICY__ENABLED", "false".into())])).await;
+    let mut out = TopicReader::new(&env.outcomes, env.partitions);
+    warm_up(&env, &sink, &mut out).await;
+
+    let s = suffix();
+    let scheduled = format!("sched-{s}");
+    let expired = format!("expired-{s}");
+    let expiring = format!("expiring-{s}");
+    let unmanaged = format!("off-{s}");
+    let at = Utc::now() + chrono::Duration::seconds(2);
+    let mut r = request(&scheduled, "u-s", Some(&sink.url("s")));
+    r["scheduled_at"] = json!(at.to_rfc3339());
+    send(&env, "acme:u-s", &r).await;
+    let mut r = request(&expired, "u-x", Some(&sink.url("x")));
+    r["expires_at"] = json!((Utc::now() - chrono::Duration::seconds(1)).to_rfc3339());
+    send(&env, "acme:u-x", &r).await;
+    let mut r = request(&expiring, "u-e", Some(&sink.url("e")));
+    r["scheduled_at"] = json!((Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
+    r["expires_at"] = json!((Utc::now() + chrono::Duration::hours(2)).to_rfc3339());
+    send(&env, "acme:u-e", &r).await;
+    // Stored preferences say "disabled", but without policy they are not read.
+    send(
+        &env,
+        "acme:u-off",
+        &request(&unmanaged, "u-off", Some(&sink.url("off"))),
+    )
+    .await;
+    out.wait_for(
+        WAIT,
+        &[
+            (&scheduled, "sent"),
+            (&expired, "expired"),
+            (&expiring, "scheduled"),
+            (&unmanaged, "sent"),
+        ],
+    )
+    .await;
+    // The scheduled one's expiry passes while it waits (time travel).
+    sqlx::query(
+        "UPDATE notifications SET next_attempt_at = now(),
+             payload = jsonb_set(payload, '{expires_at}', to_jsonb(now() - interval '1 second'))
+         WHERE id = $1",
+    )
+    .bind(&expiring)
+    .execute(&env.pool().await)
+    .await
+    .expect("time travel");
+    out.wait_for(WAIT, &[(&expiring, "expired")]).await;
+
+    let events = out.events();
+    assert_eq!(statuses(&events, &scheduled), vec!["scheduled", "sent"]);
+    let sent = &events_of(&events, &scheduled)[1];
+    assert!(
+        time(sent, "occurred_at") >= at,
+        "not before scheduled_at: {sent}"
+    );
+    assert_eq!(statuses(&events, &expired), vec!["expired"]);
+    assert_eq!(events_of(&events, &expired)[0]["reason"], "expired");
+    assert_eq!(statuses(&events, &expiring), vec!["scheduled", "expired"]);
+    assert_eq!(statuses(&events, &unmanaged), vec!["sent"]);
+    let paths: Vec<String> = sink.received().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths.len(), 3, "warm-up, scheduled, unmanaged: {paths:?}");
+    assert!(!paths.iter().any(|p| p == "/x" || p == "/e"), "{paths:?}");
+    app.stop().await;
+}
+
 /// Rounds to what the outcome event carries (RFC 3339 round trip).
 trait Rfc3339Round {
     fn with_nanosecond_zeroed_ms(self) -> DateTime<Utc>;
