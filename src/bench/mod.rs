@@ -146,11 +146,6 @@ pub async fn run(settings: &Settings, args: BenchArgs, command_line: String) -> 
     {
         bail!("use --policy on|off|compare rather than --set HERALD_POLICY__ENABLED");
     }
-    if args.scheduled_in.is_some() && args.policy != PolicyMode::On {
-        bail!(
-            "--scheduled-in needs --policy on: with policy.enabled = false Herald sends every request at once, scheduled_at included"
-        );
-    }
     let policy = args.policy != PolicyMode::Off;
     let nginx = sinks::NginxSink::start()?;
     let smtp = sinks::SmtpSinkCounter::start()?;

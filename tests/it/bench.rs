@@ -196,15 +196,6 @@ fn refused(args: &[&str]) -> String {
 }
 
 #[test]
-fn scheduled_loads_need_policy_on() {
-    let stderr = refused(&["--scheduled-in", "5", "--policy", "off"]);
-    assert!(
-        stderr.contains("--scheduled-in needs --policy on"),
-        "{stderr}"
-    );
-}
-
-#[test]
 fn policy_cannot_also_be_set_through_set() {
     let stderr = refused(&["--set", "HERALD_POLICY__ENABLED=false"]);
     assert!(stderr.contains("use --policy"), "{stderr}");
