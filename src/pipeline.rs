@@ -440,8 +440,8 @@ impl Pipeline {
     }
 
     /// Opens the next try of `n` with `provider`. Attempt `current` failed
-    /// retryably with `failed`, whose row in the delivery log is written
-    /// first.
+    /// retryably with `failed`, whose row in the delivery log is written by
+    /// the same statement.
     async fn open_next(
         &self,
         n: &Notification,
@@ -449,10 +449,11 @@ impl Pipeline {
         provider: &str,
         failed: Option<AttemptResult>,
     ) -> Result<Opened, PipelineError> {
-        if let Some(r) = failed {
-            self.store.finish_try(&n.id, current, &r).await?;
-        }
-        match self.store.next_try(&n.id, current, provider).await? {
+        match self
+            .store
+            .next_try(&n.id, current, provider, failed.as_ref())
+            .await?
+        {
             Some(a) => Ok(Opened::Attempt(a)),
             None => Err(PipelineError::SendInProgress(n.id.clone())),
         }

@@ -239,19 +239,28 @@ impl NotificationStore {
     }
 
     /// Starts the next try of a notification this caller is sending (a
-    /// fallback provider after a retryable failure): attempt `attempts + 1`
+    /// fallback provider after a retryable failure): attempt `current + 1`
     /// with `provider`, written `sending` in the delivery log, and the send
-    /// lease renewed. `None` when the row is no longer `sending` at
-    /// `current` (someone took it over).
+    /// lease renewed. `failed`, how try `current` ended, is written to its
+    /// row in the delivery log by the same statement (one round trip per
+    /// fallback). `None` when the row is no longer `sending` at `current`
+    /// (someone took it over); the failed try is recorded even then.
     pub async fn next_try(
         &self,
         id: &str,
         current: i32,
         provider: &str,
+        failed: Option<&AttemptResult>,
     ) -> Result<Option<i32>, StoreError> {
+        let e = failed.and_then(|r| r.error.as_ref());
         Ok(sqlx::query_scalar(
             r#"
-            WITH upd AS (
+            WITH failed AS (
+                UPDATE delivery_attempts
+                SET status = $5, provider_message_id = $6, error_code = $7, error_message = $8,
+                    retryable = $9, finished_at = now(), duration_ms = $10
+                WHERE $5::text IS NOT NULL AND notification_id = $1 AND attempt = $2
+            ), upd AS (
                 UPDATE notifications
                 SET attempts = attempts + 1, provider = $3, updated_at = now(),
                     send_lease_until = now() + make_interval(secs => $4)
@@ -268,38 +277,14 @@ impl NotificationStore {
         .bind(current)
         .bind(provider)
         .bind(self.send_lease.as_secs_f64())
-        .fetch_optional(&self.pool)
-        .await?)
-    }
-
-    /// Records how one try ended in the delivery log only (the notification
-    /// stays `sending`: another provider or a retry follows).
-    pub async fn finish_try(
-        &self,
-        id: &str,
-        attempt: i32,
-        result: &AttemptResult,
-    ) -> Result<(), StoreError> {
-        let e = result.error.as_ref();
-        sqlx::query(
-            r#"
-            UPDATE delivery_attempts
-            SET status = $3, provider_message_id = $4, error_code = $5, error_message = $6,
-                retryable = $7, finished_at = now(), duration_ms = $8
-            WHERE notification_id = $1 AND attempt = $2
-            "#,
-        )
-        .bind(id)
-        .bind(attempt)
-        .bind(result.status.as_str())
-        .bind(result.provider_message_id.as_deref())
+        .bind(failed.map(|r| r.status.as_str()))
+        .bind(failed.and_then(|r| r.provider_message_id.as_deref()))
         .bind(e.map(|e| e.code.as_str()))
         .bind(e.map(|e| e.message.as_str()))
         .bind(e.map(|e| e.retryable))
-        .bind(result.duration_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        .bind(failed.map(|r| r.duration_ms))
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     /// Finishes `attempt` of `id` and moves the notification to
@@ -383,6 +368,89 @@ mod tests {
             store.status("n-3").await.unwrap(),
             Some((Status::Sending, 1))
         );
+    }
+
+    /// A fallback is one statement: the failed try's row in the delivery
+    /// log is finished and the next try opened; a caller whose attempt is
+    /// stale opens nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fallback_finishes_the_failed_try_and_opens_the_next() {
+        let store = NotificationStore::new(
+            crate::store::test_pool().await,
+            std::time::Duration::from_secs(60),
+        );
+        let n = notification("fb-1");
+        let claimed = store
+            .claim(&n, Status::Sending, "primary", None)
+            .await
+            .unwrap();
+        assert_eq!(claimed, Claim::New { attempt: 1 });
+        let failed = AttemptResult {
+            status: Status::Failed,
+            provider: "primary".into(),
+            provider_message_id: None,
+            error: Some(ErrorInfo {
+                code: "http_503".into(),
+                message: "unavailable".into(),
+                retryable: true,
+            }),
+            duration_ms: 17,
+        };
+        let next = store
+            .next_try(&n.id, 1, "secondary", Some(&failed))
+            .await
+            .unwrap();
+        assert_eq!(next, Some(2));
+        // Attempt 1 is no longer current: nothing opens.
+        assert_eq!(store.next_try(&n.id, 1, "third", None).await.unwrap(), None);
+        type Row = (
+            i32,
+            String,
+            String,
+            Option<String>,
+            Option<bool>,
+            Option<i32>,
+            bool,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT attempt, provider, status, error_code, retryable, duration_ms,
+                    finished_at IS NOT NULL
+             FROM delivery_attempts WHERE notification_id = $1 ORDER BY attempt",
+        )
+        .bind(&n.id)
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                (
+                    1,
+                    "primary".into(),
+                    "failed".into(),
+                    Some("http_503".into()),
+                    Some(true),
+                    Some(17),
+                    true
+                ),
+                (
+                    2,
+                    "secondary".into(),
+                    "sending".into(),
+                    None,
+                    None,
+                    None,
+                    false
+                ),
+            ]
+        );
+        let (provider, attempts): (String, i32) =
+            sqlx::query_as("SELECT provider, attempts FROM notifications WHERE id = $1")
+                .bind(&n.id)
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!((provider.as_str(), attempts), ("secondary", 2));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
