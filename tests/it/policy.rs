@@ -90,6 +90,20 @@ async fn warm_up(env: &TestEnv, sink: &HttpSink, out: &mut TopicReader) {
     out.wait_for(WAIT, &[(&id, "sent")]).await;
 }
 
+/// Time travel: the waiting row `id` is due now and its `expires_at` has
+/// just passed.
+async fn expire_and_make_due(env: &TestEnv, id: &str) {
+    sqlx::query(
+        "UPDATE notifications SET next_attempt_at = now(),
+             payload = jsonb_set(payload, '{expires_at}', to_jsonb(now() - interval '1 second'))
+         WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&env.pool().await)
+    .await
+    .expect("time travel");
+}
+
 /// Concurrent lookups share statements; each must still get its own
 /// recipient's levels and suppression, never a neighbour's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -323,15 +337,7 @@ async fn scheduled_is_sent_after_its_time_and_expiry_while_deferred_sends_nothin
     out.wait_for(WAIT, &[(&scheduled, "sent"), (&expiring, "deferred")])
         .await;
     // Its expiry passes while it waits (time travel), then it is due.
-    sqlx::query(
-        "UPDATE notifications SET next_attempt_at = now(),
-             payload = jsonb_set(payload, '{expires_at}', to_jsonb(now() - interval '1 second'))
-         WHERE id = $1",
-    )
-    .bind(&expiring)
-    .execute(&env.pool().await)
-    .await
-    .expect("time travel");
+    expire_and_make_due(&env, &expiring).await;
     out.wait_for(WAIT, &[(&expiring, "expired")]).await;
     let events = out.events();
     assert_eq!(statuses(&events, &scheduled), vec!["scheduled", "sent"]);
@@ -406,15 +412,7 @@ async fn without_policy_the_request_s_own_schedule_and_expiry_still_hold() {
     )
     .await;
     // The scheduled one's expiry passes while it waits (time travel).
-    sqlx::query(
-        "UPDATE notifications SET next_attempt_at = now(),
-             payload = jsonb_set(payload, '{expires_at}', to_jsonb(now() - interval '1 second'))
-         WHERE id = $1",
-    )
-    .bind(&expiring)
-    .execute(&env.pool().await)
-    .await
-    .expect("time travel");
+    expire_and_make_due(&env, &expiring).await;
     out.wait_for(WAIT, &[(&expiring, "expired")]).await;
 
     let events = out.events();
