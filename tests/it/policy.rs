@@ -788,16 +788,21 @@ async fn a_hanging_due_row_does_not_hold_back_the_rows_due_after_it() {
 
     let s = suffix();
     let (slow, quick) = (format!("slow-{s}"), format!("quick-{s}"));
+    // Both must arrive before their time to be held as due rows; the margin
+    // covers a cold producer (its first connection to the broker), which
+    // once took over a second.
+    let at = Utc::now() + chrono::Duration::seconds(3);
     let mut r = request(&slow, "u-slow", Some(&format!("http://{hanging}/h")));
-    r["scheduled_at"] = json!((Utc::now() + chrono::Duration::seconds(1)).to_rfc3339());
+    r["scheduled_at"] = json!(at.to_rfc3339());
     send(&env, "acme:u-slow", &r).await;
     let mut r = request(&quick, "u-quick", Some(&sink.url("q")));
-    r["scheduled_at"] = json!((Utc::now() + chrono::Duration::seconds(2)).to_rfc3339());
+    r["scheduled_at"] = json!((at + chrono::Duration::seconds(1)).to_rfc3339());
     send(&env, "acme:u-quick", &r).await;
     out.wait_for(WAIT, &[(&quick, "sent")]).await;
     // The hanging send runs until its 8 s timeout: nothing after
     // `scheduled` has been published for it yet.
     assert_eq!(statuses(&out.events(), &slow), vec!["scheduled"]);
+    assert_eq!(statuses(&out.events(), &quick), vec!["scheduled", "sent"]);
     out.wait_for(WAIT, &[(&slow, "failed")]).await;
     let failed = event(&out.events(), &slow, "failed");
     assert_eq!(failed["error"]["code"], "http_timeout", "{failed}");
