@@ -13,6 +13,9 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use sqlx::Postgres;
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::StoreError;
@@ -252,6 +255,64 @@ struct FinishRows {
     events: Vec<String>,
 }
 
+/// The CTE that finishes each try of `input` in the delivery log. `input`
+/// has the columns `id`, `attempt`, `status`, `provider_message_id`,
+/// `error_code`, `error_message`, `retryable` and `duration_ms` (see
+/// [`bind_tries`]). Shared by the finish, the retry (`due`) and the
+/// fallback (`notifications`), so a try's row is written one way.
+macro_rules! finish_tries_cte {
+    () => {
+        "finished AS (
+            UPDATE delivery_attempts d
+            SET status = i.status, provider_message_id = i.provider_message_id,
+                error_code = i.error_code, error_message = i.error_message,
+                retryable = i.retryable, finished_at = now(), duration_ms = i.duration_ms
+            FROM input i
+            WHERE d.notification_id = i.id AND d.attempt = i.attempt
+        )"
+    };
+}
+pub(super) use finish_tries_cte;
+
+/// The `UNNEST` arguments of a batched statement that finishes tries:
+/// `$1` to `$9` are ids, attempts and the [`TryColumns`], named as
+/// [`finish_tries_cte`] reads them (plus `provider`).
+macro_rules! tries_input {
+    () => {
+        "$1::text[], $2::int4[], $3::text[], $4::text[], $5::text[],
+         $6::text[], $7::bool[], $8::int4[], $9::text[]"
+    };
+}
+pub(super) use tries_input;
+
+/// The column names of [`tries_input`], in order.
+macro_rules! tries_columns {
+    () => {
+        "id, attempt, status, provider_message_id, error_code, error_message,
+         retryable, duration_ms, provider"
+    };
+}
+pub(super) use tries_columns;
+
+/// Binds `ids`, `attempts` and `tries` as `$1` to `$9` (see [`tries_input`]).
+pub(super) fn bind_tries(
+    query: Query<'_, Postgres, PgArguments>,
+    ids: Vec<String>,
+    attempts: Vec<i32>,
+    tries: TryColumns,
+) -> Query<'_, Postgres, PgArguments> {
+    query
+        .bind(ids)
+        .bind(attempts)
+        .bind(tries.statuses)
+        .bind(tries.message_ids)
+        .bind(tries.codes)
+        .bind(tries.messages)
+        .bind(tries.retryable)
+        .bind(tries.durations)
+        .bind(tries.providers)
+}
+
 /// How tries ended, as columns of a batched statement (the finish, and the
 /// retry in `due`).
 #[derive(Default)]
@@ -293,21 +354,16 @@ fn finish_rows(batch: Vec<FinishJob>) -> (FinishRows, Vec<Reply<()>>) {
 }
 
 async fn write(pool: &PgPool, rows: FinishRows) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    let query = sqlx::query(concat!(
+        "WITH input AS (
+            SELECT * FROM UNNEST(",
+        tries_input!(),
+        ", $10::text[]) AS t(",
+        tries_columns!(),
+        ", last_event)
+        ), ",
+        finish_tries_cte!(),
         r#"
-        WITH input AS (
-            SELECT * FROM UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::text[],
-                                 $6::text[], $7::bool[], $8::int4[], $9::text[], $10::text[])
-                AS t(id, attempt, status, provider_message_id, error_code, error_message,
-                     retryable, duration_ms, provider, last_event)
-        ), attempt AS (
-            UPDATE delivery_attempts d
-            SET status = i.status, provider_message_id = i.provider_message_id,
-                error_code = i.error_code, error_message = i.error_message,
-                retryable = i.retryable, finished_at = now(), duration_ms = i.duration_ms
-            FROM input i
-            WHERE d.notification_id = i.id AND d.attempt = i.attempt
-        )
         UPDATE notifications n
         SET status = i.status, provider = i.provider, provider_message_id = i.provider_message_id,
             error_code = i.error_code, error_message = i.error_message, last_event = i.last_event::jsonb,
@@ -317,19 +373,11 @@ async fn write(pool: &PgPool, rows: FinishRows) -> Result<(), sqlx::Error> {
         FROM input i
         WHERE n.id = i.id
         "#,
-    )
-    .bind(rows.ids)
-    .bind(rows.attempts)
-    .bind(rows.tries.statuses)
-    .bind(rows.tries.message_ids)
-    .bind(rows.tries.codes)
-    .bind(rows.tries.messages)
-    .bind(rows.tries.retryable)
-    .bind(rows.tries.durations)
-    .bind(rows.tries.providers)
-    .bind(rows.events)
-    .execute(pool)
-    .await?;
+    ));
+    bind_tries(query, rows.ids, rows.attempts, rows.tries)
+        .bind(rows.events)
+        .execute(pool)
+        .await?;
     Ok(())
 }
 

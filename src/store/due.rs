@@ -8,11 +8,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 use sqlx::types::Json;
+use sqlx::{PgPool, Row};
 
 use super::StoreError;
-use super::batch::{Coalescer, KeyedJob, Reply, TryColumns, keyed_writer};
+use super::batch::{
+    Coalescer, KeyedJob, Reply, TryColumns, bind_tries, finish_tries_cte, keyed_writer,
+    tries_columns, tries_input,
+};
 use super::notifications::AttemptResult;
 use crate::domain::{DeliveryStatusEvent, Notification, Status};
 
@@ -500,22 +503,16 @@ impl KeyedJob for RetryJob {
 }
 
 async fn write_retries(pool: PgPool, rows: RetryRows) -> Result<HashMap<String, ()>, sqlx::Error> {
-    let ids: Vec<String> = sqlx::query_scalar(
+    let query = sqlx::query(concat!(
+        "WITH input AS (
+            SELECT * FROM UNNEST(",
+        tries_input!(),
+        ", $10::timestamptz[], $11::text[]) AS t(",
+        tries_columns!(),
+        ", next_attempt_at, last_event)
+        ), ",
+        finish_tries_cte!(),
         r#"
-        WITH input AS (
-            SELECT * FROM UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::text[],
-                                 $6::text[], $7::bool[], $8::int4[], $9::text[],
-                                 $10::timestamptz[], $11::text[])
-                AS t(id, attempt, status, provider_message_id, error_code, error_message,
-                     retryable, duration_ms, provider, next_attempt_at, last_event)
-        ), attempt AS (
-            UPDATE delivery_attempts d
-            SET status = i.status, provider_message_id = i.provider_message_id,
-                error_code = i.error_code, error_message = i.error_message,
-                retryable = i.retryable, finished_at = now(), duration_ms = i.duration_ms
-            FROM input i
-            WHERE d.notification_id = i.id AND d.attempt = i.attempt
-        )
         UPDATE notifications n
         SET status = 'retrying', next_attempt_at = i.next_attempt_at, retries = n.retries + 1,
             last_event = i.last_event::jsonb, provider = i.provider,
@@ -525,21 +522,14 @@ async fn write_retries(pool: PgPool, rows: RetryRows) -> Result<HashMap<String, 
         WHERE n.id = i.id AND n.status = 'sending' AND n.attempts = i.attempt
         RETURNING n.id
         "#,
-    )
-    .bind(rows.ids)
-    .bind(rows.attempts)
-    .bind(rows.tries.statuses)
-    .bind(rows.tries.message_ids)
-    .bind(rows.tries.codes)
-    .bind(rows.tries.messages)
-    .bind(rows.tries.retryable)
-    .bind(rows.tries.durations)
-    .bind(rows.tries.providers)
-    .bind(rows.next)
-    .bind(rows.events)
-    .fetch_all(&pool)
-    .await?;
-    Ok(ids.into_iter().map(|id| (id, ())).collect())
+    ));
+    bind_tries(query, rows.ids, rows.attempts, rows.tries)
+        .bind(rows.next)
+        .bind(rows.events)
+        .try_map(|row: sqlx::postgres::PgRow| Ok((row.try_get::<String, _>(0)?, ())))
+        .fetch_all(&pool)
+        .await
+        .map(|ids| ids.into_iter().collect())
 }
 
 fn parse_status(s: &str) -> Result<Status, StoreError> {

@@ -253,14 +253,15 @@ impl NotificationStore {
         failed: Option<&AttemptResult>,
     ) -> Result<Option<i32>, StoreError> {
         let e = failed.and_then(|r| r.error.as_ref());
-        Ok(sqlx::query_scalar(
-            r#"
-            WITH failed AS (
-                UPDATE delivery_attempts
-                SET status = $5, provider_message_id = $6, error_code = $7, error_message = $8,
-                    retryable = $9, finished_at = now(), duration_ms = $10
-                WHERE $5::text IS NOT NULL AND notification_id = $1 AND attempt = $2
-            ), upd AS (
+        Ok(sqlx::query_scalar(concat!(
+            "WITH input AS (
+                SELECT $1::text AS id, $2::int4 AS attempt, $5::text AS status,
+                       $6::text AS provider_message_id, $7::text AS error_code,
+                       $8::text AS error_message, $9::bool AS retryable, $10::int4 AS duration_ms
+                WHERE $5::text IS NOT NULL
+            ), ",
+            batch::finish_tries_cte!(),
+            r#", upd AS (
                 UPDATE notifications
                 SET attempts = attempts + 1, provider = $3, updated_at = now(),
                     send_lease_until = now() + make_interval(secs => $4)
@@ -272,7 +273,7 @@ impl NotificationStore {
             )
             SELECT attempts FROM upd
             "#,
-        )
+        ))
         .bind(id)
         .bind(current)
         .bind(provider)
