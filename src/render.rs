@@ -631,20 +631,18 @@ pub(crate) fn build_context(
     data: &serde_json::Map<String, serde_json::Value>,
     n: &Notification,
 ) -> Value {
-    let mut ctx: BTreeMap<String, Value> = data
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::from_serialize(v)))
-        .collect();
     let r = &n.recipient;
-    let recipient: BTreeMap<&str, Value> = BTreeMap::from([
+    let recipient: Value = [
         ("user_id", opt(r.user_id.as_deref())),
         ("email", opt(r.email.as_ref().map(|e| e.as_str()))),
         ("phone", opt(r.phone.as_ref().map(|p| p.as_str()))),
         ("url", opt(r.url.as_ref().map(|u| u.as_str()))),
         ("locale", opt(r.locale.as_deref())),
         ("timezone", opt(r.timezone.as_deref())),
-    ]);
-    let notification: BTreeMap<&str, Value> = BTreeMap::from([
+    ]
+    .into_iter()
+    .collect();
+    let notification: Value = [
         ("id", Value::from(n.id.as_str())),
         ("request_id", Value::from(n.request_id.as_str())),
         ("tenant_id", opt(n.tenant_id.as_deref())),
@@ -653,10 +651,43 @@ pub(crate) fn build_context(
         ("category", opt(n.category.as_deref())),
         ("priority", Value::from(n.priority.as_str())),
         ("correlation_id", opt(n.correlation_id.as_deref())),
-    ]);
-    ctx.insert("recipient".into(), Value::from_serialize(&recipient));
-    ctx.insert("notification".into(), Value::from_serialize(&notification));
-    Value::from_serialize(&ctx)
+    ]
+    .into_iter()
+    .collect();
+    // `recipient` and `notification` come last, so they win over data keys
+    // of the same name.
+    data.iter()
+        .map(|(k, v)| (Value::from(k.as_str()), json_value(v)))
+        .chain([
+            (Value::from("recipient"), recipient),
+            (Value::from("notification"), notification),
+        ])
+        .collect()
+}
+
+/// The template value of a JSON value: what `Value::from_serialize` makes
+/// of it, built directly (no serializer and its thread-local state per call).
+fn json_value(v: &serde_json::Value) -> Value {
+    use serde_json::Value as J;
+    match v {
+        J::Null => Value::from(()),
+        J::Bool(b) => Value::from(*b),
+        J::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                Value::from(u)
+            } else if let Some(i) = n.as_i64() {
+                Value::from(i)
+            } else {
+                Value::from(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        J::String(s) => Value::from(s.as_str()),
+        J::Array(items) => Value::from(items.iter().map(json_value).collect::<Vec<_>>()),
+        J::Object(map) => map
+            .iter()
+            .map(|(k, v)| (Value::from(k.as_str()), json_value(v)))
+            .collect(),
+    }
 }
 
 fn opt(s: Option<&str>) -> Value {
@@ -1388,6 +1419,49 @@ mod tests {
         );
         n.channel = Channel::Webhook;
         assert_eq!(r.render(&n).unwrap().text.as_deref(), Some("u-42 n-1 1"));
+    }
+
+    #[test]
+    fn data_values_are_what_serialization_would_make_of_them() {
+        let data = serde_json::json!({
+            "null": null, "yes": true, "no": false,
+            "small": 7, "negative": -12, "big": u64::MAX, "min": i64::MIN, "float": 2.5,
+            "text": "Grüße \"quoted\" <b>", "empty": "",
+            "list": [1, "two", [3.5, null], {"k": "v"}],
+            "nested": {"b": {"c": [true]}, "a": 1},
+        });
+        let serde_json::Value::Object(map) = &data else {
+            panic!("not an object")
+        };
+        for (k, v) in map {
+            let direct = json_value(v);
+            let serialized = Value::from_serialize(v);
+            assert_eq!(direct, serialized, "{k}");
+            assert_eq!(direct.kind(), serialized.kind(), "{k}");
+            assert_eq!(format!("{direct:?}"), format!("{serialized:?}"), "{k}");
+            assert_eq!(direct.to_string(), serialized.to_string(), "{k}");
+        }
+        // The whole context: data keys plus Herald's two maps, iterable.
+        let mut env = new_environment(10_000);
+        env.add_template(
+            "t",
+            "{% for k in ctx|sort %}{{ k }},{% endfor %}|{{ nested.b.c[0] }}|{{ big }}|{{ float * 2 }}|{{ list[2][0] }}",
+        )
+        .unwrap();
+        let n = by_key("k", None, serde_json::json!({}));
+        let ctx = build_context(map, &n);
+        let mut with_self: Vec<(Value, Value)> = ctx
+            .try_iter()
+            .unwrap()
+            .map(|k| (k.clone(), ctx.get_item(&k).unwrap()))
+            .collect();
+        with_self.push((Value::from("ctx"), ctx.clone()));
+        let ctx: Value = with_self.into_iter().collect();
+        let out = env.get_template("t").unwrap().render(&ctx).unwrap();
+        assert_eq!(
+            out,
+            "big,empty,float,list,min,negative,nested,no,notification,null,recipient,small,text,yes,|True|18446744073709551615|5.0|3.5"
+        );
     }
 
     #[test]
