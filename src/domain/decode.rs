@@ -182,6 +182,10 @@ pub fn check_schemas() -> Result<(), String> {
 /// The first few schema errors as `pointer: message`, input values masked;
 /// `None` when `instance` is valid.
 fn schema_errors(validator: &jsonschema::Validator, instance: &Value) -> Option<String> {
+    // The common case, valid, without collecting errors.
+    if validator.is_valid(instance) {
+        return None;
+    }
     let mut parts = Vec::new();
     let mut more = false;
     for (i, e) in validator.iter_errors(instance).enumerate() {
@@ -341,7 +345,7 @@ pub fn decode_message(bytes: &[u8], max_bytes: usize) -> Result<Decoded, DecodeE
         return Err(DecodeError::new(C::SchemaViolation, m).with_ids(&ids));
     }
 
-    if let Some(path) = find_nul(&value, &mut String::new()) {
+    if let Some(path) = find_nul(&value) {
         return Err(DecodeError::new(
             C::InvalidField,
             format!("{path}: contains the character U+0000"),
@@ -425,32 +429,43 @@ fn unwrap_cloudevent(mut top: Map<String, Value>) -> Result<Map<String, Value>, 
 /// The JSON pointer of the first string or key containing U+0000, which
 /// PostgreSQL cannot store in `text` or `jsonb`. Depth is bounded by the
 /// JSON parser (128).
-fn find_nul(v: &Value, path: &mut String) -> Option<String> {
+fn find_nul(v: &Value) -> Option<String> {
+    let mut path = Vec::new();
+    nul_path(v, &mut path).then(|| {
+        let mut pointer = String::new();
+        for segment in path.iter().rev() {
+            pointer.push('/');
+            pointer.push_str(segment);
+        }
+        pointer_or_root(&pointer)
+    })
+}
+
+/// Whether `v` holds a U+0000; if so, `path` receives the JSON-pointer
+/// segments leading to it, innermost first (built only on the way out, so
+/// the common case allocates nothing).
+fn nul_path(v: &Value, path: &mut Vec<String>) -> bool {
     match v {
-        Value::String(s) if s.contains('\0') => Some(pointer_or_root(path)),
-        Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
-            let len = path.len();
-            path.push('/');
-            path.push_str(&i.to_string());
-            let found = find_nul(item, path);
-            path.truncate(len);
-            found
-        }),
-        Value::Object(map) => map.iter().find_map(|(k, item)| {
-            let len = path.len();
-            path.push('/');
-            if k.contains('\0') {
-                path.push_str("<key>");
-                let p = pointer_or_root(path);
-                path.truncate(len);
-                return Some(p);
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().enumerate().any(|(i, item)| {
+            let found = nul_path(item, path);
+            if found {
+                path.push(i.to_string());
             }
-            path.push_str(&k.replace('~', "~0").replace('/', "~1"));
-            let found = find_nul(item, path);
-            path.truncate(len);
             found
         }),
-        _ => None,
+        Value::Object(map) => map.iter().any(|(k, item)| {
+            if k.contains('\0') {
+                path.push("<key>".to_string());
+                return true;
+            }
+            let found = nul_path(item, path);
+            if found {
+                path.push(k.replace('~', "~0").replace('/', "~1"));
+            }
+            found
+        }),
+        _ => false,
     }
 }
 
@@ -1345,6 +1360,13 @@ mod tests {
         assert_eq!(
             e.message,
             "/template/data/a~1b/1: contains the character U+0000"
+        );
+        let v = json!({"id": "x", "channel": "in_app", "recipient": {"user_id": "u"},
+                       "template": {"key": "k", "data": {"a~": {"b\u{0}": 1}}}});
+        let e = decode(&v).unwrap_err();
+        assert_eq!(
+            e.message,
+            "/template/data/a~0/<key>: contains the character U+0000"
         );
     }
 
