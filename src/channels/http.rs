@@ -35,10 +35,18 @@ pub(crate) fn client(timeout: Duration) -> Result<reqwest::Client, reqwest::Erro
     reqwest::Client::builder()
         .use_rustls_tls()
         .redirect(reqwest::redirect::Policy::none())
+        .retry(no_retry())
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(10)))
         .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
         .build()
+}
+
+/// No retries inside reqwest: Herald retries a send itself, with its backoff
+/// and its record of each try. (reqwest's default policy would also copy
+/// every request before sending it, in case of a retry.)
+pub(crate) fn no_retry() -> reqwest::retry::Builder {
+    reqwest::retry::never().max_retries_per_request(0)
 }
 
 /// Checks a configured base URL: absolute `http`/`https`, a host, no user

@@ -163,6 +163,7 @@ impl WebhookAdapter {
         let key = signing_key(settings.signing_secret.expose_secret())?;
         let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            .retry(http::no_retry())
             // A proxy would resolve the target itself, bypassing our resolver.
             .no_proxy()
             .timeout(Duration::from_millis(settings.timeout_ms.max(1)))
@@ -427,8 +428,7 @@ impl ChannelAdapter for WebhookAdapter {
             .url
             .as_ref()
             .ok_or_else(|| http::permanent("no_address", "recipient has no webhook url"))?;
-        let url = Url::parse(url.as_str())
-            .map_err(|e| http::permanent("invalid_address", format!("invalid url: {e}")))?;
+        let url = url.url().clone();
         if self.block_private {
             check_literal_host(&url)?;
         }

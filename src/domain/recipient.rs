@@ -13,10 +13,11 @@ pub struct EmailAddress(String);
 #[serde(try_from = "String", into = "String")]
 pub struct PhoneNumber(String);
 
-/// An absolute `http` or `https` URL with a host and no credentials.
+/// An absolute `http` or `https` URL with a host and no credentials: the
+/// text as given and its parse (kept, so a send does not parse it again).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct WebhookUrl(String);
+pub struct WebhookUrl(String, reqwest::Url);
 
 /// Why an address did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,11 +49,15 @@ impl PhoneNumber {
 impl WebhookUrl {
     /// Parses a webhook url; the error says why it is not one (without echoing it).
     pub fn parse(s: &str) -> Result<Self, AddressError> {
-        recipient_impl::parse_url(s).map(WebhookUrl)
+        recipient_impl::parse_url(s).map(|u| WebhookUrl(s.to_string(), u))
     }
     /// The value as given.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+    /// The parsed URL (what a request is sent to).
+    pub fn url(&self) -> &reqwest::Url {
+        &self.1
     }
 }
 
@@ -162,7 +167,7 @@ mod recipient_impl {
         Ok(s.to_string())
     }
 
-    pub(super) fn parse_url(s: &str) -> Result<String, AddressError> {
+    pub(super) fn parse_url(s: &str) -> Result<reqwest::Url, AddressError> {
         let err = |m: &str| Err(AddressError(format!("invalid url: {m}")));
         if s.len() > 2048 {
             return err("longer than 2048 characters");
@@ -180,7 +185,7 @@ mod recipient_impl {
         if !u.username().is_empty() || u.password().is_some() {
             return err("credentials in the url are not allowed");
         }
-        Ok(s.to_string())
+        Ok(u)
     }
 }
 
