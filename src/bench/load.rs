@@ -451,7 +451,9 @@ async fn produce_all(
     Ok((sent, start))
 }
 
-fn build_request(
+/// One request of the load: its id, its Kafka key and its JSON bytes (also what
+/// `benches/hot_path.rs` measures the pure steps on).
+pub fn build_request(
     spec: &RequestSpec,
     run: &str,
     i: usize,
