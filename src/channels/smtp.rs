@@ -710,19 +710,32 @@ fn build_message(
         None => default_from.clone(),
     };
     let message_id = message_id(&notification.id);
+    let to = mailbox(to.as_str())?;
+    // The envelope lettre would derive from the headers (From; To, Cc, Bcc),
+    // given directly: deriving it parses those headers back (Sender, which
+    // would take precedence, is reserved).
+    let sender = from.email.clone();
+    let mut recipients = vec![to.email.clone()];
     let mut builder: MessageBuilder = lettre::Message::builder()
         .from(from)
-        .to(mailbox(to.as_str())?)
+        .to(to)
         .message_id(Some(message_id.clone()));
     if let Some(reply_to) = &meta.reply_to {
         builder = builder.reply_to(mailbox(reply_to.as_str())?);
     }
     for cc in &meta.cc {
-        builder = builder.cc(mailbox(cc.as_str())?);
+        let cc = mailbox(cc.as_str())?;
+        recipients.push(cc.email.clone());
+        builder = builder.cc(cc);
     }
     for bcc in &meta.bcc {
-        builder = builder.bcc(mailbox(bcc.as_str())?);
+        let bcc = mailbox(bcc.as_str())?;
+        recipients.push(bcc.email.clone());
+        builder = builder.bcc(bcc);
     }
+    let envelope = Envelope::new(Some(sender), recipients)
+        .map_err(|e| permanent("invalid_message", e.to_string()))?;
+    builder = builder.envelope(envelope);
     if let Some(subject) = &content.subject {
         builder = builder.subject(one_line(subject));
     }
@@ -967,8 +980,12 @@ mod tests {
             .iter()
             .map(|a| a.to_string())
             .collect();
-        assert!(rcpts.contains(&"hidden@example.com".to_string()));
-        assert!(rcpts.contains(&"cc@example.com".to_string()));
+        assert_eq!(
+            rcpts,
+            ["to@example.com", "cc@example.com", "hidden@example.com"]
+        );
+        let sender = built.message.envelope().from().map(|a| a.to_string());
+        assert_eq!(sender.as_deref(), Some("herald@localhost"));
         assert_eq!(built.message_id, "<req-1=3A0@herald>");
     }
 
