@@ -454,12 +454,18 @@ impl ChannelAdapter for WebhookAdapter {
         headers.insert("webhook-signature", signature);
 
         let _turn = self.hosts.turn(&url).await?;
-        let response = self
+        let mut request = self
             .client
             .post(url)
-            .headers(headers)
             .body(body)
-            .send()
+            .build()
+            .map_err(|e| classify_request_error(&e))?;
+        // The request has no headers yet: take ours whole instead of having
+        // `RequestBuilder::headers` insert them one by one again.
+        *request.headers_mut() = headers;
+        let response = self
+            .client
+            .execute(request)
             .await
             .map_err(|e| classify_request_error(&e))?;
         let status = response.status();
