@@ -29,6 +29,9 @@
 //! `category`, `priority`, `correlation_id`). A data key named `recipient` or
 //! `notification` is shadowed: Herald's value wins. Undefined variables are
 //! errors (strict mode); use `default` or `is defined` for optional data.
+//! Values print as minijinja prints them: JSON `true`/`false` as `True`/
+//! `False`, `null` as `None`; write `{{ "true" if flag else "false" }}` for
+//! another spelling.
 //!
 //! # Limits
 //! Fuel (`templates.fuel`) bounds the work of one rendered field, minijinja
@@ -1445,7 +1448,7 @@ mod tests {
         let mut env = new_environment(10_000);
         env.add_template(
             "t",
-            "{% for k in ctx|sort %}{{ k }},{% endfor %}|{{ nested.b.c[0] }}|{{ big }}|{{ float * 2 }}|{{ list[2][0] }}",
+            "{% for k in ctx|sort %}{{ k }},{% endfor %}|{{ nested.b.c[0] }}|{{ big }}|{{ float * 2 }}|{{ list[2][0] }}|{{ yes }} {{ no }} {{ null }}|{{ \"true\" if yes else \"false\" }}",
         )
         .unwrap();
         let n = by_key("k", None, serde_json::json!({}));
@@ -1460,7 +1463,7 @@ mod tests {
         let out = env.get_template("t").unwrap().render(&ctx).unwrap();
         assert_eq!(
             out,
-            "big,empty,float,list,min,negative,nested,no,notification,null,recipient,small,text,yes,|True|18446744073709551615|5.0|3.5"
+            "big,empty,float,list,min,negative,nested,no,notification,null,recipient,small,text,yes,|True|18446744073709551615|5.0|3.5|True False None|true"
         );
     }
 
