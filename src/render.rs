@@ -1448,19 +1448,12 @@ mod tests {
         let mut env = new_environment(10_000);
         env.add_template(
             "t",
-            "{% for k in ctx|sort %}{{ k }},{% endfor %}|{{ nested.b.c[0] }}|{{ big }}|{{ float * 2 }}|{{ list[2][0] }}|{{ yes }} {{ no }} {{ null }}|{{ \"true\" if yes else \"false\" }}",
+            "{% for k in ctx|sort %}{{ k }},{% endfor %}|{{ ctx.nested.b.c[0] }}|{{ ctx.big }}|{{ ctx.float * 2 }}|{{ ctx.list[2][0] }}|{{ ctx.yes }} {{ ctx.no }} {{ ctx.null }}|{{ \"true\" if ctx.yes else \"false\" }}",
         )
         .unwrap();
         let n = by_key("k", None, serde_json::json!({}));
-        let ctx = build_context(map, &n);
-        let mut with_self: Vec<(Value, Value)> = ctx
-            .try_iter()
-            .unwrap()
-            .map(|k| (k.clone(), ctx.get_item(&k).unwrap()))
-            .collect();
-        with_self.push((Value::from("ctx"), ctx.clone()));
-        let ctx: Value = with_self.into_iter().collect();
-        let out = env.get_template("t").unwrap().render(&ctx).unwrap();
+        let ctx = minijinja::context! { ctx => build_context(map, &n) };
+        let out = env.get_template("t").unwrap().render(ctx).unwrap();
         assert_eq!(
             out,
             "big,empty,float,list,min,negative,nested,no,notification,null,recipient,small,text,yes,|True|18446744073709551615|5.0|3.5|True False None|true"

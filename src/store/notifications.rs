@@ -323,12 +323,17 @@ mod tests {
     use super::*;
     use crate::store::test_notification as notification;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_claims_of_one_id_in_one_batch_have_one_owner() {
-        let store = NotificationStore::new(
+    /// A store on a fresh test database, with a 60 s send lease.
+    async fn store() -> NotificationStore {
+        NotificationStore::new(
             crate::store::test_pool().await,
             std::time::Duration::from_secs(60),
-        );
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_claims_of_one_id_in_one_batch_have_one_owner() {
+        let store = store().await;
         // Many distinct ids plus several copies of one id, all at once: they
         // are written in a few batched statements.
         let mut claims = Vec::new();
@@ -376,10 +381,7 @@ mod tests {
     /// stale opens nothing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_fallback_finishes_the_failed_try_and_opens_the_next() {
-        let store = NotificationStore::new(
-            crate::store::test_pool().await,
-            std::time::Duration::from_secs(60),
-        );
+        let store = store().await;
         let n = notification("fb-1");
         let claimed = store
             .claim(&n, Status::Sending, "primary", None)
@@ -456,10 +458,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_claim_stores_its_event_and_no_attempt() {
-        let store = NotificationStore::new(
-            crate::store::test_pool().await,
-            std::time::Duration::from_secs(60),
-        );
+        let store = store().await;
         let n = notification("f-1");
         let mut event = DeliveryStatusEvent::for_notification(&n, Status::Failed, 0);
         event.error = Some(ErrorInfo {
@@ -494,10 +493,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn decided_claims_are_batched_with_sends_and_keep_their_due_time() {
-        let store = NotificationStore::new(
-            crate::store::test_pool().await,
-            std::time::Duration::from_secs(60),
-        );
+        let store = store().await;
         let due_at = chrono::Utc::now() + chrono::Duration::minutes(30);
         let sends: Vec<Notification> = (0..20).map(|i| notification(&format!("s-{i}"))).collect();
         let held: Vec<Notification> = (0..20).map(|i| notification(&format!("h-{i}"))).collect();
