@@ -5,7 +5,9 @@
 //! µs between identical runs; these move a few ns).
 //!
 //! Run: `cargo bench --bench hot_path` (add `-- decode` to run the steps
-//! whose name contains `decode`). Results in BENCHMARKS.md.
+//! whose name contains `decode`). Results in BENCHMARKS.md. Under
+//! `cargo test --all-targets` each step only runs a few times: a check that
+//! the harness and the steps still work, not a measurement.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -28,6 +30,7 @@ const ROUND: Duration = Duration::from_millis(300);
 
 fn main() {
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let timed = std::env::args().any(|a| a == "--bench");
     let settings = match Settings::load(None) {
         Ok(s) => s,
         Err(e) => {
@@ -47,7 +50,9 @@ fn main() {
     };
     let max = settings.pipeline.max_request_bytes;
 
-    println!("{:<34} {:>10} {:>16}", "step", "ns/op", "spread (min-max)");
+    if timed {
+        println!("{:<34} {:>10} {:>16}", "step", "ns/op", "spread (min-max)");
+    }
     for template in [false, true] {
         let spec = RequestSpec {
             mix: Mix::Webhook,
@@ -71,27 +76,41 @@ fn main() {
             .map(|n| n.unwrap_or_else(|| panic!("the bench's {kind} request does not decode")))
             .collect();
 
-        step(&filter, &format!("decode ({kind} webhook)"), |i| {
+        step(&filter, timed, &format!("decode ({kind} webhook)"), |i| {
             let r = decode_message(&requests[i % requests.len()], max);
             black_box(r.is_ok())
         });
-        step(&filter, &format!("render ({kind} webhook)"), |i| {
+        step(&filter, timed, &format!("render ({kind} webhook)"), |i| {
             let r = renderer.render(&notifications[i % notifications.len()]);
             black_box(r.is_ok())
         });
-        step(&filter, &format!("outcome event ({kind} webhook)"), |i| {
-            let n = &notifications[i % notifications.len()];
-            let mut e = DeliveryStatusEvent::for_notification(n, Status::Sent, 1);
-            e.provider = Some("webhook".into());
-            e.provider_message_id = Some(n.id.clone());
-            black_box(serde_json::to_vec(&e).map(|v| v.len()).unwrap_or(0))
-        });
+        step(
+            &filter,
+            timed,
+            &format!("outcome event ({kind} webhook)"),
+            |i| {
+                let n = &notifications[i % notifications.len()];
+                let mut e = DeliveryStatusEvent::for_notification(n, Status::Sent, 1);
+                e.provider = Some("webhook".into());
+                e.provider_message_id = Some(n.id.clone());
+                black_box(serde_json::to_vec(&e).map(|v| v.len()).unwrap_or(0))
+            },
+        );
     }
 }
 
-/// Runs `f` in rounds of about [`ROUND`] and prints the median time per call.
-fn step<R>(filter: &Option<String>, name: &str, mut f: impl FnMut(usize) -> R) {
+/// Runs `f` in rounds of about [`ROUND`] and prints the median time per call;
+/// unless `timed` (`cargo bench` passes `--bench`, `cargo test` does not),
+/// only calls it a few times.
+fn step<R>(filter: &Option<String>, timed: bool, name: &str, mut f: impl FnMut(usize) -> R) {
     if filter.as_deref().is_some_and(|p| !name.contains(p)) {
+        return;
+    }
+    if !timed {
+        for i in 0..16 {
+            black_box(f(i));
+        }
+        println!("{name:<34} ran (not timed: run with cargo bench)");
         return;
     }
     // Warm up, and size a round.

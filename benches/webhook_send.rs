@@ -11,7 +11,10 @@
 //! counted. The report gives the median of [`ROUNDS`] rounds.
 //!
 //! Run: `cargo bench --bench webhook_send` (add `-- adapter` or `-- reqwest`
-//! for one of the two). Results in BENCHMARKS.md.
+//! for one of the two). Results in BENCHMARKS.md. Under
+//! `cargo test --all-targets` each variant sends a few hundred requests in
+//! one round: a check that the harness and the adapter still work against
+//! nginx, not a measurement.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,8 +38,9 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Rounds per variant; the report gives their median and spread.
 const ROUNDS: usize = 7;
-/// Sends per round.
+/// Sends per round (under `cargo test`: [`CHECK_SENDS`], one round).
 const SENDS: usize = 50_000;
+const CHECK_SENDS: usize = 256;
 /// Sends in flight at once.
 const CONCURRENCY: usize = 64;
 
@@ -45,15 +49,17 @@ type Item = (Notification, RenderedContent);
 
 fn main() -> anyhow::Result<()> {
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` does not.
+    let timed = std::env::args().any(|a| a == "--bench");
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?
-        .block_on(run(filter))
+        .block_on(run(filter, timed))
 }
 
-async fn run(filter: Option<String>) -> anyhow::Result<()> {
+async fn run(filter: Option<String>, timed: bool) -> anyhow::Result<()> {
     let nginx = NginxSink::start()?;
     let mut settings = Settings::load(None).context("loading the default settings")?;
     // The sink is on 127.0.0.1.
@@ -110,16 +116,27 @@ async fn run(filter: Option<String>) -> anyhow::Result<()> {
         headers,
     };
 
-    println!(
-        "{:<28} {:>12} {:>16} {:>12}",
-        "send", "CPU µs/send", "spread (min-max)", "sends/s"
-    );
+    if timed {
+        println!(
+            "{:<28} {:>12} {:>16} {:>12}",
+            "send", "CPU µs/send", "spread (min-max)", "sends/s"
+        );
+    }
     let variants: [(&str, Sender); 2] = [
         ("adapter", Sender::Adapter(adapter)),
         ("reqwest", Sender::Bare(Arc::new(bare))),
     ];
     for (name, sender) in variants {
         if filter.as_deref().is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        let label = match name {
+            "adapter" => "Herald's webhook adapter",
+            _ => "bare reqwest POST",
+        };
+        if !timed {
+            round(&sender, &items, CHECK_SENDS).await?;
+            println!("{label:<28} sent {CHECK_SENDS} (not timed: run with cargo bench)");
             continue;
         }
         // Warm-up: open the connections.
@@ -133,10 +150,6 @@ async fn run(filter: Option<String>) -> anyhow::Result<()> {
         }
         cpu.sort_by(f64::total_cmp);
         rate.sort_by(f64::total_cmp);
-        let label = match name {
-            "adapter" => "Herald's webhook adapter",
-            _ => "bare reqwest POST",
-        };
         println!(
             "{:<28} {:>12.1} {:>7.1}-{:<8.1} {:>12.0}",
             label,
