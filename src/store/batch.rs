@@ -274,27 +274,32 @@ macro_rules! finish_tries_cte {
 }
 pub(super) use finish_tries_cte;
 
-/// The `UNNEST` arguments of a batched statement that finishes tries:
-/// `$1` to `$9` are ids, attempts and the [`TryColumns`], named as
-/// [`finish_tries_cte`] reads them (plus `provider`).
-macro_rules! tries_input {
-    () => {
-        "$1::text[], $2::int4[], $3::text[], $4::text[], $5::text[],
-         $6::text[], $7::bool[], $8::int4[], $9::text[]"
+/// `WITH input AS (…), finished AS (…)` for a batched statement that
+/// finishes tries; the caller's statement follows and reads `input`.
+/// `input` unnests `$1` to `$9` (ids, attempts and the [`TryColumns`], bound
+/// by [`bind_tries`]) as `id`, `attempt`, the try's columns and `provider`,
+/// then the caller's arrays from `$10` (`$types`) as its columns
+/// (`$columns`); `finished` is [`finish_tries_cte`].
+macro_rules! with_finished_tries {
+    ($types:literal, $columns:literal) => {
+        concat!(
+            "WITH input AS (
+                SELECT * FROM UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::text[],
+                                     $6::text[], $7::bool[], $8::int4[], $9::text[], ",
+            $types,
+            ") AS t(id, attempt, status, provider_message_id, error_code, error_message,
+                     retryable, duration_ms, provider, ",
+            $columns,
+            ")
+            ), ",
+            $crate::store::batch::finish_tries_cte!(),
+            "\n"
+        )
     };
 }
-pub(super) use tries_input;
+pub(super) use with_finished_tries;
 
-/// The column names of [`tries_input`], in order.
-macro_rules! tries_columns {
-    () => {
-        "id, attempt, status, provider_message_id, error_code, error_message,
-         retryable, duration_ms, provider"
-    };
-}
-pub(super) use tries_columns;
-
-/// Binds `ids`, `attempts` and `tries` as `$1` to `$9` (see [`tries_input`]).
+/// Binds `ids`, `attempts` and `tries` as `$1` to `$9` (see [`with_finished_tries`]).
 pub(super) fn bind_tries(
     query: Query<'_, Postgres, PgArguments>,
     ids: Vec<String>,
@@ -355,14 +360,7 @@ fn finish_rows(batch: Vec<FinishJob>) -> (FinishRows, Vec<Reply<()>>) {
 
 async fn write(pool: &PgPool, rows: FinishRows) -> Result<(), sqlx::Error> {
     let query = sqlx::query(concat!(
-        "WITH input AS (
-            SELECT * FROM UNNEST(",
-        tries_input!(),
-        ", $10::text[]) AS t(",
-        tries_columns!(),
-        ", last_event)
-        ), ",
-        finish_tries_cte!(),
+        with_finished_tries!("$10::text[]", "last_event"),
         r#"
         UPDATE notifications n
         SET status = i.status, provider = i.provider, provider_message_id = i.provider_message_id,

@@ -13,8 +13,7 @@ use sqlx::{PgPool, Row};
 
 use super::StoreError;
 use super::batch::{
-    Coalescer, KeyedJob, Reply, TryColumns, bind_tries, finish_tries_cte, keyed_writer,
-    tries_columns, tries_input,
+    Coalescer, KeyedJob, Reply, TryColumns, bind_tries, keyed_writer, with_finished_tries,
 };
 use super::notifications::AttemptResult;
 use crate::domain::{DeliveryStatusEvent, Notification, Status};
@@ -504,14 +503,10 @@ impl KeyedJob for RetryJob {
 
 async fn write_retries(pool: PgPool, rows: RetryRows) -> Result<HashMap<String, ()>, sqlx::Error> {
     let query = sqlx::query(concat!(
-        "WITH input AS (
-            SELECT * FROM UNNEST(",
-        tries_input!(),
-        ", $10::timestamptz[], $11::text[]) AS t(",
-        tries_columns!(),
-        ", next_attempt_at, last_event)
-        ), ",
-        finish_tries_cte!(),
+        with_finished_tries!(
+            "$10::timestamptz[], $11::text[]",
+            "next_attempt_at, last_event"
+        ),
         r#"
         UPDATE notifications n
         SET status = 'retrying', next_attempt_at = i.next_attempt_at, retries = n.retries + 1,
