@@ -1,5 +1,6 @@
-//! Client CPU per webhook send: Herald's adapter against the same POST made
-//! with a bare reqwest client, both to a local nginx answering 200 (the sink
+//! Client CPU per webhook send: Herald's adapter against the same POST (the
+//! adapter's body and headers for each notification, made once beforehand)
+//! from a bare reqwest client, both to a local nginx answering 200 (the sink
 //! `herald bench` uses; apt `nginx-light`). The send is the largest single
 //! step of the webhook path, so this is its floor and what Herald adds to it:
 //! the payload, the signature and headers, the per-host turn, the timeout and
@@ -25,7 +26,7 @@ use herald::bench::load::{Mix, RequestSpec, build_request};
 use herald::bench::machine::cpu_seconds;
 use herald::bench::sinks::NginxSink;
 use herald::channels::ChannelAdapter;
-use herald::channels::webhook::WebhookAdapter;
+use herald::channels::webhook::{WebhookAdapter, payload, sign};
 use herald::config::Settings;
 use herald::domain::decode::{Decoded, decode_message};
 use herald::domain::request::Notification;
@@ -44,8 +45,14 @@ const CHECK_SENDS: usize = 256;
 /// Sends in flight at once.
 const CONCURRENCY: usize = 64;
 
-/// One notification to send and its rendered content.
-type Item = (Notification, RenderedContent);
+/// One notification to send, and the request the adapter makes of it (made
+/// once, for the bare client: the same body and headers).
+struct Item {
+    notification: Notification,
+    content: RenderedContent,
+    body: Vec<u8>,
+    headers: HeaderMap,
+}
 
 fn main() -> anyhow::Result<()> {
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
@@ -88,32 +95,29 @@ async fn run(filter: Option<String>, timed: bool) -> anyhow::Result<()> {
             .next()
             .context("a request without a notification")?;
         let content = renderer.render(&n)?;
-        items.push((n, content));
+        let now = chrono::Utc::now();
+        let body = payload(&n, &content, now)?;
+        let signature = sign(b"bench", &n.id, now.timestamp(), &body);
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert("webhook-id", HeaderValue::from_str(&n.id)?);
+        headers.insert("webhook-timestamp", HeaderValue::from(now.timestamp()));
+        headers.insert("webhook-signature", HeaderValue::from_str(&signature)?);
+        items.push(Item {
+            notification: n,
+            content,
+            body,
+            headers,
+        });
     }
     let items = Arc::new(items);
     let adapter = Arc::new(WebhookAdapter::new(&settings.webhook)?);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(CONCURRENCY)
         .build()?;
-    // The bare client sends a body and headers of the adapter's size, made once.
-    let body = vec![b'x'; 420];
-    let mut headers = HeaderMap::new();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    for (name, value) in [
-        ("webhook-id", "0196f0c2-6c1e-7d1a-9b1e-3f1d2c4b5a69"),
-        ("webhook-timestamp", "1764400000"),
-        (
-            "webhook-signature",
-            "v1,K5oZfzN95Z9UVu1EsfQmfVNQhnkZ2pj9o9NDN/H/pI4=",
-        ),
-    ] {
-        headers.insert(name, HeaderValue::from_static(value));
-    }
     let bare = Bare {
         client,
         url: reqwest::Url::parse(&url)?,
-        body,
-        headers,
     };
 
     if timed {
@@ -162,12 +166,10 @@ async fn run(filter: Option<String>, timed: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A bare reqwest client and a request of the adapter's size.
+/// A bare reqwest client and the sink's URL.
 struct Bare {
     client: reqwest::Client,
     url: reqwest::Url,
-    body: Vec<u8>,
-    headers: HeaderMap,
 }
 
 #[derive(Clone)]
@@ -177,17 +179,17 @@ enum Sender {
 }
 
 impl Sender {
-    async fn send(&self, (n, content): &Item) -> anyhow::Result<()> {
+    async fn send(&self, item: &Item) -> anyhow::Result<()> {
         match self {
             Sender::Adapter(adapter) => {
-                adapter.send(n, content).await?;
+                adapter.send(&item.notification, &item.content).await?;
             }
             Sender::Bare(b) => {
                 let response = b
                     .client
                     .post(b.url.clone())
-                    .headers(b.headers.clone())
-                    .body(b.body.clone())
+                    .headers(item.headers.clone())
+                    .body(item.body.clone())
                     .send()
                     .await?;
                 if !response.status().is_success() {

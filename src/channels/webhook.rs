@@ -362,8 +362,9 @@ struct Payload<'a> {
     occurred_at: String,
 }
 
-/// Builds the request body for `notification`.
-fn payload(
+/// The JSON body POSTed for `notification` (what [`sign`] signs), stamped
+/// `now`.
+pub fn payload(
     notification: &Notification,
     content: &RenderedContent,
     now: chrono::DateTime<chrono::Utc>,
