@@ -17,7 +17,7 @@ pub struct PhoneNumber(String);
 /// text as given and its parse (kept, so a send does not parse it again).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct WebhookUrl(String, reqwest::Url);
+pub struct WebhookUrl(String, url::Url);
 
 /// Why an address did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,7 +56,7 @@ impl WebhookUrl {
         &self.0
     }
     /// The parsed URL (what a request is sent to).
-    pub fn url(&self) -> &reqwest::Url {
+    pub fn url(&self) -> &url::Url {
         &self.1
     }
 }
@@ -167,12 +167,12 @@ mod recipient_impl {
         Ok(s.to_string())
     }
 
-    pub(super) fn parse_url(s: &str) -> Result<reqwest::Url, AddressError> {
+    pub(super) fn parse_url(s: &str) -> Result<url::Url, AddressError> {
         let err = |m: &str| Err(AddressError(format!("invalid url: {m}")));
         if s.len() > 2048 {
             return err("longer than 2048 characters");
         }
-        let u = match reqwest::Url::parse(s) {
+        let u = match url::Url::parse(s) {
             Ok(u) => u,
             Err(e) => return Err(AddressError(format!("invalid url: {e}"))),
         };
